@@ -1,0 +1,2 @@
+"""vlmft: fine-tune vision-language models from YAML recipes."""
+__version__ = "0.1.0"

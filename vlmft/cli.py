@@ -1,0 +1,111 @@
+"""vlmft command line: parse, call the library, render (rich) or serialize (--json).
+
+Heavy imports (torch, transformers, deepspeed) happen inside the commands, after the recipe has
+been validated, so ``--help`` and a bad recipe answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import recipe as recipes
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune vision-language models from YAML recipes.")
+err = Console(stderr=True)
+out = Console()
+
+RECIPE = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.max_steps=10", show_default=False)
+
+
+def _load(path: str, overrides: Optional[list[str]]) -> recipes.Recipe:
+    try:
+        return recipes.load(path, overrides or [])
+    except recipes.RecipeError as exc:
+        _fail(exc.errors)
+
+
+def _fail(lines: list[str]):
+    for line in lines:
+        err.print(f"[red]error[/red] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    recipe: str = RECIPE,
+    overrides: Optional[list[str]] = OVERRIDES,
+    resume: Optional[str] = typer.Option(None, help="'auto' (latest checkpoint in output_dir) or a checkpoint folder."),
+):
+    """Train on one process, or one per GPU under torchrun / the deepspeed launcher."""
+    r = _load(recipe, overrides)
+    from .train import train as run
+
+    try:
+        summary = run(r, resume=resume)
+    except recipes.RecipeError as exc:  # found while reading data (on_bad_sample=error, ...)
+        _fail(exc.errors)
+    if summary["rank"] == 0:
+        err.print(f"done: {summary['steps']} steps, final model in {summary['final']}")
+
+
+@app.command("lr-table")
+def lr_table(
+    recipe: str = RECIPE,
+    overrides: Optional[list[str]] = OVERRIDES,
+    step: int = typer.Option(0, help="Show the learning rates at this optimizer step."),
+    by: str = typer.Option("param", help="param | layer | group"),
+    as_json: bool = typer.Option(False, "--json", help="Print {'rows': [...], 'totals': {...}}."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows."),
+):
+    """Every parameter's group, layer id, LR, weight decay and frozen state, without weights."""
+    r = _load(recipe, overrides)
+    if by not in ("param", "layer", "group"):
+        _fail([f"--by: '{by}' is not one of param, layer, group"])
+    from . import lr_table as lt
+
+    try:
+        table = lt.lr_table(r, step=step, by=by)
+    except ValueError as exc:
+        _fail(str(exc).splitlines())
+    if as_json:
+        print(json.dumps(table, default=str))
+    elif as_csv:
+        sys.stdout.write(lt.to_csv(table))
+    else:
+        out.print(lt.render(table))
+
+
+@app.command("pack-stats")
+def pack_stats(
+    recipe: str = RECIPE,
+    overrides: Optional[list[str]] = OVERRIDES,
+    data: Optional[str] = typer.Option(None, help="Replace the recipe's datasets by this JSONL or meta JSON."),
+    limit: int = typer.Option(0, help="Read at most N records per dataset (0 = all)."),
+    strategy: Optional[str] = typer.Option(None, help="best_fit | internvl | next_fit (default: the recipe's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """How well the data packs: fill, padding, packs vs the lower bound, what was dropped."""
+    ov = list(overrides or [])
+    if data:
+        ov.append(f"data.datasets=[{{path: '{data}'}}]")
+    if strategy:
+        ov.append(f"data.packing.strategy={strategy}")
+    r = _load(recipe, ov)
+    from . import pack_stats as ps
+
+    stats = ps.pack_stats(r, limit=limit, progress=not as_json and err.is_terminal)
+    if as_json:
+        print(json.dumps(stats))
+    else:
+        out.print(ps.render(stats))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,494 @@
+"""The recipe schema, loading and validation.
+
+A recipe is a YAML file read with OmegaConf plus ``key.path=value`` overrides from the command
+line. The schema is written once, here, as dataclasses; the string under each field is its help
+text (read back by :func:`field_docs`, shown by ``vlmft train --help-recipe`` and in errors).
+
+Validation collects *every* problem before anything heavy is imported (no torch, no deepspeed:
+``vlmft`` answers a bad recipe in well under 2 s) and reports each as ``key.path: message``,
+with the file line, the valid choices, or a did-you-mean for unknown keys. The CLI prints them
+and exits with code 2.
+
+Relative paths (data files, model folders, ``output_dir``) are taken from the current directory,
+like every shell command; run from the repository root for the bundled recipes.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+
+def choice(default, *choices):
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "demo/model"
+    """HF hub id or local folder of an image-text-to-text model (loaded with from_pretrained)."""
+    attn_implementation: str = choice("sdpa", "sdpa", "eager", "flash_attention_2")
+    """Attention kernel; packed samples stay isolated in each (position ids restart per sample)."""
+    trust_remote_code: bool = False
+    """Allow the model folder's own Python code to run. Off unless you trust the folder."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (both towers) to save memory."""
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""
+    """Conversation JSONL (LLaVA/InternVL format) or an InternVL meta JSON."""
+    name: str = ""
+    """Name used in reports; defaults to the file name."""
+    image_root: str = ""
+    """Folder that relative image paths are read from; defaults to the data file's folder."""
+    repeat_time: float = 1.0
+    """InternVL's rule: below 1 takes a random fraction of the samples, above 1 repeats them."""
+    loss_weight: float = 1.0
+    """Weight d(s) of this dataset's samples in the loss (see vlmft/loss.py)."""
+
+
+@dataclass
+class PackingConfig:
+    enabled: bool = True
+    """Pack several samples into one row of at most max_packed_tokens; off = one sample a row."""
+    strategy: str = choice("best_fit", "best_fit", "internvl", "next_fit")
+    """best_fit: best-fit-decreasing over a window (ours); internvl: InternVL's PackedDataset
+    decisions; next_fit: fill in order, emit when full (torchtune and others)."""
+    max_packed_tokens: int = 1024
+    """Token capacity of a packed row."""
+    max_buffer_size: int = 64
+    """How many packs may be open (still filling) at once."""
+    window: int = 4096
+    """How many pending samples best_fit sorts and chooses from."""
+    num_images_expected: int = 0
+    """Most image tiles in one pack (0 = no limit)."""
+    allow_overflow: bool = False
+    """InternVL's knob: let a sample that does not fit start a new pack even if the open ones
+    are below min_active_tokens_ratio. Samples are never split."""
+    strict_mode: bool = False
+    """InternVL's knob: emit a pack only when it holds exactly num_images_expected tiles or
+    is full; no zero-padded tiles are ever added."""
+    min_active_tokens_ratio: float = 0.0
+    """Packs filled below this fraction of max_packed_tokens are kept open while others remain."""
+    overlong: str = choice("drop", "drop", "truncate")
+    """What to do with a sample longer than max_packed_tokens: drop (counted) or truncate at a
+    text boundary outside image spans, if supervised tokens remain."""
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    """The training datasets, mixed by size x repeat_time."""
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    """How samples are grouped into rows."""
+    max_tiles_per_image: int = 0
+    """Most tiles one image is cut into (InternVL's max_dynamic_patch); 0 = the processor's."""
+    on_bad_sample: str = choice("skip", "skip", "error")
+    """skip: count it by reason and report file:line; error: stop at the first one."""
+    max_bad_fraction: float = 0.01
+    """Stop training once more than this fraction of the samples read were bad."""
+    num_workers: int = 0
+    """DataLoader worker processes that build tensors (0 = in the training process)."""
+
+
+@dataclass
+class LossConfig:
+    reduction: str = choice("square", "token", "sample", "square")
+    """Per-token weight w(n), n = supervised tokens of the token's sample: token 1, sample 1/n,
+    square 1/sqrt(n). Normalized over the whole optimizer step on every rank."""
+    chunk_size: int = 2048
+    """Tokens per chunk of the fp32 cross-entropy, so large vocabularies never hold fp32 logits
+    for a whole row."""
+
+
+@dataclass
+class LayerDecayConfig:
+    vision: float = 1.0
+    """lr x vision^(top - layer_id) over the vision tower (1.0 = off)."""
+    language: float = 1.0
+    """lr x language^(top - layer_id) over the language model (1.0 = off)."""
+
+
+@dataclass
+class FreezeConfig:
+    vision: bool = False
+    """Freeze the whole vision tower."""
+    projector: bool = False
+    """Freeze the vision-to-language projector."""
+    language: bool = False
+    """Freeze the language model (embeddings and blocks; the lm_head has its own switch)."""
+    lm_head: bool = False
+    """Freeze the output head (tied heads follow the input embeddings)."""
+    vision_first_layers: int = 0
+    """Freeze the vision embeddings and the first N vision blocks."""
+    vision_last_layers: int = 0
+    """Freeze the last N vision blocks."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay for matrices; norms, biases, embeddings and 1-D params get none."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
+    """Layer-wise LR decay per tower."""
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Glob pattern over parameter names -> LR factor, e.g. {'*multi_modal_projector*': 10.0}."""
+    no_decay: list[str] = field(default_factory=list)
+    """Extra glob patterns of parameters that get no weight decay."""
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """Which parts do not train."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = choice("cosine", "cosine", "linear", "constant")
+    """Decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to the peak LR over this many optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of the peak."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    micro_batch_size: int = 1
+    """Packs per rank per micro-batch (one forward/backward)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    seed: int = 0
+    """Seed for model init, shuffling and mixture sampling."""
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = choice(2, 0, 1, 2, 3)
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    precision: str = choice("bf16", "fp32", "bf16", "fp16")
+    """Training precision (master weights stay fp32)."""
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO 3)."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config keys passed through (an optimizer/scheduler block is refused)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """How many step checkpoints to keep."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under output_dir/tb."""
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/vlmft"
+    """Where metrics.jsonl, checkpoints and the final HF folder go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and packing."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss reduction."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, parameter groups and freezing."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch and seed."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed settings."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user can fix. ``errors`` holds one ``key.path: message`` per line."""
+
+    def __init__(self, errors: list[str], source: str = ""):
+        self.errors = errors
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(f"{head}{len(errors)} problem(s) in the recipe:\n" + "\n".join(errors))
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a schema dataclass (the help text)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _lines(path: Path) -> dict[str, int]:
+    """key.path -> 1-based line in the YAML file, for error messages."""
+    out: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[f"{prefix}[{i}]"] = v.start_mark.line + 1
+                walk(v, f"{prefix}[{i}]")
+
+    try:
+        walk(yaml.compose(path.read_text()), "")
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value, tp, key: str, errors: list[str]):
+    """Check ``value`` against the annotation ``tp``; recurse into dataclasses, lists and dicts."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return
+        _check_section(value, tp, key, errors)
+    elif origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return
+        (item_tp,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            _check_value(v, item_tp, f"{key}[{i}]", errors)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {value!r}")
+            return
+        _, val_tp = typing.get_args(tp)
+        if val_tp is not Any:
+            for k, v in value.items():
+                _check_value(v, val_tp, f"{key}.{k}", errors)
+    elif tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{key}: expected a number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{key}: expected a string, got {value!r}")
+
+
+def _check_section(raw: dict, cls: type, prefix: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            errors.append(f"{key}: unknown key; {hint}")
+            continue
+        f = fields[k]
+        before = len(errors)
+        _check_value(v, hints[k], key, errors)
+        choices = f.metadata.get("choices")
+        if choices and len(errors) == before and v not in choices:
+            errors.append(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _semantic_checks(r: Recipe) -> list[str]:
+    """Checks on values that are well-typed: ranges, files that must exist, combinations."""
+    e = []
+
+    def positive(key, v, allow_zero=False):
+        if v < 0 or (v == 0 and not allow_zero):
+            e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+    name = r.model.name_or_path
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if not name:
+        e.append("model.name_or_path: required: a local model folder or a hub id")
+    elif looks_local and not Path(name).expanduser().is_dir():
+        e.append(f"model.name_or_path: folder '{name}' not found (relative paths are from "
+                 f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'")
+    if not r.data.datasets:
+        e.append("data.datasets: at least one dataset is required, e.g. - path: data/train.jsonl")
+    for i, d in enumerate(r.data.datasets):
+        key = f"data.datasets[{i}]"
+        if not d.path:
+            e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
+        elif not Path(d.path).expanduser().is_file():
+            e.append(f"{key}.path: file '{d.path}' not found (relative paths are from {os.getcwd()})")
+        if d.image_root and not Path(d.image_root).expanduser().is_dir():
+            e.append(f"{key}.image_root: folder '{d.image_root}' not found")
+        positive(f"{key}.repeat_time", d.repeat_time)
+        positive(f"{key}.loss_weight", d.loss_weight, allow_zero=True)
+    p = r.data.packing
+    positive("data.packing.max_packed_tokens", p.max_packed_tokens)
+    positive("data.packing.max_buffer_size", p.max_buffer_size)
+    positive("data.packing.window", p.window)
+    positive("data.packing.num_images_expected", p.num_images_expected, allow_zero=True)
+    if not 0.0 <= p.min_active_tokens_ratio <= 1.0:
+        e.append("data.packing.min_active_tokens_ratio: must be in [0, 1]")
+    if p.strict_mode and p.num_images_expected == 0:
+        e.append("data.packing.strict_mode: needs data.packing.num_images_expected > 0")
+    if not 0.0 <= r.data.max_bad_fraction <= 1.0:
+        e.append("data.max_bad_fraction: must be in [0, 1]")
+    positive("data.num_workers", r.data.num_workers, allow_zero=True)
+    positive("data.max_tiles_per_image", r.data.max_tiles_per_image, allow_zero=True)
+    positive("loss.chunk_size", r.loss.chunk_size)
+    positive("optim.lr", r.optim.lr)
+    positive("optim.weight_decay", r.optim.weight_decay, allow_zero=True)
+    positive("optim.eps", r.optim.eps)
+    if len(r.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.optim.betas):
+        e.append(f"optim.betas: expected two numbers in [0, 1), got {r.optim.betas}")
+    for tower in ("vision", "language"):
+        v = getattr(r.optim.layer_decay, tower)
+        if not 0.0 < v <= 1.0:
+            e.append(f"optim.layer_decay.{tower}: must be in (0, 1], got {v}")
+    for pat, mult in r.optim.lr_multipliers.items():
+        positive(f"optim.lr_multipliers.{pat}", mult, allow_zero=True)
+    positive("optim.freeze.vision_first_layers", r.optim.freeze.vision_first_layers, allow_zero=True)
+    positive("optim.freeze.vision_last_layers", r.optim.freeze.vision_last_layers, allow_zero=True)
+    positive("schedule.warmup_steps", r.schedule.warmup_steps, allow_zero=True)
+    if not 0.0 <= r.schedule.min_lr_ratio <= 1.0:
+        e.append("schedule.min_lr_ratio: must be in [0, 1]")
+    positive("train.max_steps", r.train.max_steps)
+    positive("train.micro_batch_size", r.train.micro_batch_size)
+    positive("train.grad_accum_steps", r.train.grad_accum_steps)
+    positive("engine.gradient_clipping", r.engine.gradient_clipping, allow_zero=True)
+    if r.engine.offload_params and r.engine.zero_stage != 3:
+        e.append("engine.offload_params: needs engine.zero_stage=3")
+    if r.engine.offload_optimizer and r.engine.zero_stage == 0:
+        e.append("engine.offload_optimizer: needs engine.zero_stage >= 1")
+    for k in ("optimizer", "scheduler"):
+        if k in r.engine.deepspeed:
+            e.append(f"engine.deepspeed.{k}: vlmft builds the {k} itself (parameter groups with "
+                     f"no-decay and layer-wise LR); remove this block and use optim.* / schedule.*")
+    for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if k in r.engine.deepspeed:
+            e.append(f"engine.deepspeed.{k}: set by vlmft from train.*; remove it and use "
+                     "train.micro_batch_size / train.grad_accum_steps")
+    positive("checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
+    positive("checkpoint.keep_last", r.checkpoint.keep_last)
+    positive("log.every_steps", r.log.every_steps)
+    return e
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides, validate; raise RecipeError listing
+    every problem (``key.path: message``, with the file line where there is one)."""
+    errors: list[str] = []
+    raw: dict = {}
+    lines: dict[str, int] = {}
+    source = str(path) if path else "<overrides>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError([f"{path}: recipe file not found"], source)
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as exc:  # YAML syntax: OmegaConf/yaml say where
+            raise RecipeError([f"{path}: not valid YAML: {exc}"], source) from None
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise RecipeError([f"{path}: the top level must be a mapping of sections"], source)
+        raw = OmegaConf.to_container(loaded, resolve=False)
+        lines = _lines(p)
+    bad = [o for o in overrides if "=" not in o]
+    for o in bad:
+        errors.append(f"{o}: an override must look like key.path=value")
+    good = [o for o in overrides if "=" in o]
+    if good:
+        try:
+            dot = OmegaConf.to_container(OmegaConf.from_dotlist(good))
+        except Exception as exc:
+            raise RecipeError([f"overrides: {exc}"], source) from None
+        raw = OmegaConf.to_container(OmegaConf.merge(raw, dot))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except Exception as exc:  # a bad ${interpolation}
+        raise RecipeError([f"interpolation: {exc}"], source) from None
+    _check_section(raw, Recipe, "", errors)
+    if errors:
+        raise RecipeError(_with_lines(errors, lines, source), source)
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), raw))
+    errors = _semantic_checks(recipe)
+    if errors:
+        raise RecipeError(_with_lines(errors, lines, source), source)
+    return recipe
+
+
+def _with_lines(errors: list[str], lines: dict[str, int], source: str) -> list[str]:
+    out = []
+    for err in errors:
+        key = err.split(":", 1)[0]
+        out.append(f"{source}:{lines[key]}: {err}" if key in lines else err)
+    return out
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (saved next to checkpoints, compared on resume)."""
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))

@@ -1,0 +1,177 @@
+"""The training loop, top to bottom.
+
+    recipe -> distributed -> processor + model -> catalog (planned samples) -> pack plan
+           -> param groups + schedule -> DeepSpeed engine -> for each step: train_step -> export
+
+``train_step`` is the one place where the loss is normalized (loss.py has the algebra).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import engine as ds
+from . import loss as lossmod
+from . import optim, schedule
+from .data.stream import Materializer, PackPlan, build_catalog, deal
+from .metrics import Metrics
+from .model import load_model, load_processor
+from .recipe import Recipe, to_yaml
+
+BATCH_KEYS = ("input_ids", "position_ids", "labels", "sample_ids", "loss_weight", "pixel_values")
+
+
+class LossModule(nn.Module):
+    """What DeepSpeed wraps: forward(micro-batch) -> S_mb, the weighted CE sum (not a mean).
+
+    The HF model's own ``labels=`` loss would shift targets across packed samples and average
+    per micro-batch; we take the last hidden states and run the head in chunks instead.
+    """
+
+    def __init__(self, model: nn.Module, reduction: str, chunk_size: int, vision_every_step: bool):
+        super().__init__()
+        self.model = model
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        # ZeRO-3 gathers a module's parameters with a collective when it runs, so every rank must
+        # run the vision tower in every micro-batch, images or not: a rank with a text-only
+        # micro-batch feeds one blank tile and adds 0 x its features (exactly zero, no dummy
+        # tile in any real sample). Under ZeRO 0-2 nothing is run for text-only micro-batches.
+        self.vision_every_step = vision_every_step
+
+    def forward(self, input_ids, position_ids, labels, sample_ids, loss_weight, pixel_values=None,
+                n_chunks=None):
+        dtype = next(self.model.parameters()).dtype
+        base = self.model.model
+        out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                   pixel_values=None if pixel_values is None else pixel_values.to(dtype), use_cache=False)
+        batch = {"labels": labels, "sample_ids": sample_ids, "loss_weight": loss_weight}
+        s = lossmod.micro_batch_sum(out.last_hidden_state, self.model.get_output_embeddings(), batch,
+                                    self.reduction, self.chunk_size, n_chunks=n_chunks)
+        if pixel_values is None and self.vision_every_step:
+            size = self.model.config.vision_config.image_size
+            h, w = (size, size) if isinstance(size, int) else size
+            blank = torch.zeros(1, 3, h, w, dtype=dtype, device=input_ids.device)
+            s = s + 0.0 * base.get_image_features(pixel_values=blank).pooler_output.float().sum()
+        return s
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    supervised: int
+    samples: int
+    skipped: bool
+
+
+def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResult:
+    """One optimizer step over this rank's micro-batches.
+
+    W = the step's global weight sum over all ranks and micro-batches (one all-reduce, before
+    the first backward). Each micro-batch backpropagates S_mb / W * world with DeepSpeed's own
+    1/grad_accum_steps off; DeepSpeed's average over ranks then leaves exactly grad L, where
+    L = sum S_mb / W over the whole step (loss.py derives it). Clipping sees that gradient.
+    """
+    dev = eng.device
+    red = recipe.loss.reduction
+    counts = torch.tensor([
+        float(lossmod.local_weight_sum(batches, red)),
+        sum(b["input_ids"].numel() for b in batches),
+        sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
+        sum(b["num_samples"] for b in batches)], dtype=torch.float64, device=dev)
+    counts = ds.all_reduce_sum(counts)
+    W = counts[0].float()
+    tokens, supervised, samples = (int(x) for x in counts[1:].tolist())
+    if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
+        eng.lr_scheduler.step()
+        return StepResult(float("nan"), tokens, supervised, samples, skipped=True)
+    n_chunks = _agreed_chunks(batches, recipe) if recipe.engine.zero_stage == 3 else None
+    s_sum = torch.zeros((), device=dev)
+    for i, b in enumerate(batches):
+        inputs = {k: (b[k].to(dev) if b[k] is not None else None) for k in BATCH_KEYS}
+        s = eng(**inputs, n_chunks=None if n_chunks is None else n_chunks[i])
+        ds.backward(eng, lossmod.scaled_loss(s, W, world))
+        eng.step()
+        s_sum += s.detach().float()
+    loss = ds.all_reduce_sum(s_sum) / W
+    return StepResult(float(loss), tokens, supervised, samples, skipped=False)
+
+
+def _agreed_chunks(batches: list[dict], recipe: Recipe) -> list[int]:
+    """Under ZeRO-3 every rank must call the head the same number of times per micro-batch."""
+    import torch.distributed as dist
+
+    need = torch.tensor([lossmod.chunks_needed(int((b["labels"] != lossmod.IGNORE_INDEX).sum()),
+                                               recipe.loss.chunk_size) for b in batches])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    return need.tolist()
+
+
+def train(recipe: Recipe, resume: str | None = None) -> dict:
+    rank, world = ds.init_distributed()
+    torch.manual_seed(recipe.train.seed)
+    out = Path(recipe.output_dir)
+    processor = load_processor(recipe.model)
+    model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
+    catalog = build_catalog(recipe, processor)
+    plan = PackPlan(recipe, catalog)
+    materializer = Materializer(recipe, catalog, processor)
+    optimizer, _rows = optim.build_optimizer(model, recipe.optim)
+    scheduler = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
+    module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
+                        vision_every_step=recipe.engine.zero_stage == 3)
+    eng = ds.initialize(module, optimizer, scheduler, recipe, world)
+
+    start = 0
+    ckpt_dir = out / "checkpoints"
+    if resume:
+        start = ds.load(eng, ckpt_dir if resume == "auto" else Path(resume))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(to_yaml(recipe))
+    metrics = Metrics(recipe.output_dir, recipe.train.max_steps, start, rank, recipe.log.tensorboard)
+    metrics.print(f"vlmft: {world} rank(s), {len(catalog.samples)} samples "
+                  f"({sum(catalog.dropped.values())} dropped), zero stage {recipe.engine.zero_stage}, "
+                  f"{recipe.engine.precision}, {recipe.train.max_steps} steps")
+    skipped = 0
+    for step in range(start, recipe.train.max_steps):
+        t0 = time.perf_counter()
+        micro = deal(plan.step(step, world), rank, world, recipe.train.micro_batch_size)
+        batches = [materializer.micro_batch(p) for p in micro]
+        t_data = time.perf_counter() - t0
+        r = train_step(eng, batches, recipe, world)
+        skipped += r.skipped
+        dt = time.perf_counter() - t0
+        if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps:
+            metrics.log({
+                "step": step + 1, "loss": r.loss,
+                "lr": recipe.optim.lr * schedule.lr_factor(step, recipe.schedule, recipe.train.max_steps),
+                "grad_norm": _grad_norm(eng), "tokens": r.tokens, "supervised_tokens": r.supervised,
+                "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
+                "samples_per_s": r.samples / dt, "data_wait_s": t_data, "step_time_s": dt,
+                "skipped_steps": skipped})
+        every = recipe.checkpoint.every_steps
+        if every and (step + 1) % every == 0 and step + 1 < recipe.train.max_steps:
+            ds.save(eng, ckpt_dir, step + 1, recipe.checkpoint.keep_last)
+    metrics.close()
+    final = out / "final"
+    ds.export(eng, processor, str(final))
+    return {"final": str(final), "steps": recipe.train.max_steps, "skipped_steps": skipped,
+            "dropped": dict(catalog.dropped), "rank": rank, "world_size": world}
+
+
+def _grad_norm(eng) -> float:
+    g = eng.get_global_grad_norm()
+    if g is None:
+        return float("nan")
+    g = float(g)
+    return g if math.isfinite(g) else float("nan")
+
