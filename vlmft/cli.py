@@ -51,8 +51,8 @@ def train(
         summary = run(r, resume=resume)
     except recipes.RecipeError as exc:  # found while reading data (on_bad_sample=error, ...)
         _fail(exc.errors)
-    if summary["rank"] == 0:
-        err.print(f"done: {summary['steps']} steps, final model in {summary['final']}")
+    if summary.rank == 0:
+        err.print(f"done: {summary.steps} steps, final model in {summary.final}")
 
 
 @app.command("lr-table")

@@ -39,27 +39,53 @@ class LossModule(nn.Module):
         self.model = model
         self.reduction = reduction
         self.chunk_size = chunk_size
-        # ZeRO-3 gathers a module's parameters with a collective when it runs, so every rank must
-        # run the vision tower in every micro-batch, images or not: a rank with a text-only
-        # micro-batch feeds one blank tile and adds 0 x its features (exactly zero, no dummy
-        # tile in any real sample). Under ZeRO 0-2 nothing is run for text-only micro-batches.
+        # With several ranks every rank must run the vision tower in every micro-batch, images
+        # or not: ZeRO-3 gathers its parameters with a collective when it runs, and ZeRO 1/2
+        # reduce gradients in buckets that must be the same on every rank (a text-only rank
+        # measured a gloo size mismatch, 186144 vs 123456 elements). A text-only micro-batch
+        # feeds one blank tile and adds 0 x its features: exactly zero, once per micro-batch,
+        # never a dummy tile inside a sample. One process needs none of this.
         self.vision_every_step = vision_every_step
 
     def forward(self, input_ids, position_ids, labels, sample_ids, loss_weight, pixel_values=None,
                 n_chunks=None):
         dtype = next(self.model.parameters()).dtype
         base = self.model.model
-        out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                   pixel_values=None if pixel_values is None else pixel_values.to(dtype), use_cache=False)
+        blank = []
+        if pixel_values is None and self.vision_every_step:
+            # Run the blank tile exactly where images would run (after the token embeddings,
+            # before the language model), so ZeRO-3 gathers parameters in the same order on
+            # every rank and every micro-batch.
+            size = self.model.config.vision_config.image_size
+            h, w = (size, size) if isinstance(size, int) else size
+            tile = torch.zeros(1, 3, h, w, dtype=dtype, device=input_ids.device)
+            hook = base.language_model.register_forward_pre_hook(
+                lambda *_: blank.append(base.get_image_features(pixel_values=tile).pooler_output),
+                prepend=True)  # before ZeRO-3's own pre-hook records the language model
+        try:
+            out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                       pixel_values=None if pixel_values is None else pixel_values.to(dtype),
+                       use_cache=False)
+        finally:
+            if pixel_values is None and self.vision_every_step:
+                hook.remove()
         batch = {"labels": labels, "sample_ids": sample_ids, "loss_weight": loss_weight}
         s = lossmod.micro_batch_sum(out.last_hidden_state, self.model.get_output_embeddings(), batch,
                                     self.reduction, self.chunk_size, n_chunks=n_chunks)
-        if pixel_values is None and self.vision_every_step:
-            size = self.model.config.vision_config.image_size
-            h, w = (size, size) if isinstance(size, int) else size
-            blank = torch.zeros(1, 3, h, w, dtype=dtype, device=input_ids.device)
-            s = s + 0.0 * base.get_image_features(pixel_values=blank).pooler_output.float().sum()
+        for feats in blank:
+            s = s + 0.0 * feats.float().sum()
         return s
+
+
+@dataclass
+class TrainResult:
+    final: str              # the exported HF folder
+    steps: int
+    skipped_steps: int      # steps with nothing supervised anywhere
+    dropped: dict           # reason -> count
+    rank: int
+    world_size: int
+    model: nn.Module        # the trained HF model (partitioned under ZeRO-3)
 
 
 @dataclass
@@ -127,7 +153,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     scheduler = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
     module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
-                        vision_every_step=recipe.engine.zero_stage == 3)
+                        vision_every_step=world > 1)
     eng = ds.initialize(module, optimizer, scheduler, recipe, world)
 
     start = 0
@@ -164,8 +190,8 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     metrics.close()
     final = out / "final"
     ds.export(eng, processor, str(final))
-    return {"final": str(final), "steps": recipe.train.max_steps, "skipped_steps": skipped,
-            "dropped": dict(catalog.dropped), "rank": rank, "world_size": world}
+    return TrainResult(final=str(final), steps=recipe.train.max_steps, skipped_steps=skipped,
+                       dropped=dict(catalog.dropped), rank=rank, world_size=world, model=model)
 
 
 def _grad_norm(eng) -> float:
