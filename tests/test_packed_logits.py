@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlmft.data.stream import Materializer, PackPlan, build_catalog
+from vlmft.data.catalog import build_catalog
+from vlmft.data.stream import Materializer, PackPlan
 from vlmft.model import load_model
 from vlmft.recipe import load
 

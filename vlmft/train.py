@@ -19,7 +19,8 @@ from torch import nn
 from . import engine as ds
 from . import loss as lossmod
 from . import optim, schedule
-from .data.stream import Materializer, PackPlan, build_catalog, deal
+from .data.catalog import build_catalog
+from .data.stream import Materializer, PackPlan, deal
 from .metrics import Metrics
 from .model import load_model, load_processor
 from .recipe import Recipe, to_yaml
