@@ -42,17 +42,18 @@ def train(
     recipe: str = RECIPE,
     overrides: Optional[list[str]] = OVERRIDES,
     resume: Optional[str] = typer.Option(None, help="'auto' (latest checkpoint in output_dir) or a checkpoint folder."),
+    force: bool = typer.Option(False, help="Resume even if the recipe changed in ways that break exactness."),
 ):
     """Train on one process, or one per GPU under torchrun / the deepspeed launcher."""
     r = _load(recipe, overrides)
     from .train import train as run
 
     try:
-        summary = run(r, resume=resume)
-    except recipes.RecipeError as exc:  # found while reading data (on_bad_sample=error, ...)
-        _fail(exc.errors)
-    if summary.rank == 0:
-        err.print(f"done: {summary.steps} steps, final model in {summary.final}")
+        summary = run(r, resume=resume, force=force)
+    except (recipes.RecipeError, ValueError) as exc:  # found later: bad data, a bad --resume, ...
+        _fail(getattr(exc, "errors", None) or str(exc).splitlines())
+    if summary.rank == 0 and not summary.preempted:
+        err.print(f"done: {summary.steps} steps, final model in {summary.final}", soft_wrap=True, highlight=False)
 
 
 @app.command("lr-table")

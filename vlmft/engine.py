@@ -130,31 +130,111 @@ def all_reduce_sum(t):
     return t
 
 
-def save(engine, ckpt_dir: Path, step: int, keep_last: int) -> None:
-    """DeepSpeed's own checkpoint (model, optimizer, scheduler) tagged step{N}; the data
-    stream's state is the step number. Older tags beyond keep_last are removed by rank 0."""
+COMPLETE = "COMPLETE"  # written into a tag folder once every rank has finished saving
+
+
+def save(engine, ckpt_dir: Path, step: int, keep_last: int, extra: dict) -> Path:
+    """Save a crash-safe checkpoint ``ckpt_dir/step{N}`` and point ``latest`` at it.
+
+    Order: DeepSpeed writes model, optimizer and scheduler state (its own format, one shard per
+    rank) with ``save_latest=False``; each rank adds its RNG states; after a barrier rank 0
+    writes ``extra`` (step, data-stream state, resolved recipe), then the ``COMPLETE`` marker,
+    then replaces ``latest`` atomically (write a temp file, fsync, rename). A kill at any point
+    leaves ``latest`` naming the previous complete checkpoint.
+    """
+    import torch
     import torch.distributed as dist
 
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    tag = f"step{step}"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    _barrier()
+    if os.environ.get("VLMFT_FAULT_KILL_IN_SAVE") == str(step):
+        # Fault injection for the crash-safety test: die after the shards, before COMPLETE.
+        os.kill(os.getpid(), 9)
     if rank == 0:
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        torch.save(extra, ckpt_dir / tag / "vlmft_state.pt")
+        _atomic_write(ckpt_dir / tag / COMPLETE, tag)
+        _atomic_write(ckpt_dir / "latest", tag)
+        done = sorted(complete_tags(ckpt_dir), key=lambda t: int(t[4:]))
+        for old in done[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    _barrier()
+    return ckpt_dir / tag
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    return [p.name for p in Path(ckpt_dir).glob("step*") if (p / COMPLETE).is_file()]
+
+
+def resolve_resume(ckpt_dir: Path, resume: str) -> Path | None:
+    """'auto' -> the checkpoint ``latest`` names (or the newest complete one); a path -> itself,
+    which must be a complete checkpoint folder. None when 'auto' finds nothing."""
+    if resume != "auto":
+        p = Path(resume)
+        if not (p / COMPLETE).is_file():
+            raise ValueError(f"--resume: '{resume}' is not a complete vlmft checkpoint "
+                             f"(no {COMPLETE} file); use a folder like {ckpt_dir}/step100 or 'auto'")
+        return p
+    latest = Path(ckpt_dir) / "latest"
+    if latest.is_file() and (Path(ckpt_dir) / latest.read_text().strip() / COMPLETE).is_file():
+        return Path(ckpt_dir) / latest.read_text().strip()
+    tags = sorted(complete_tags(ckpt_dir), key=lambda t: int(t[4:]))
+    return Path(ckpt_dir) / tags[-1] if tags else None
+
+
+def load(engine, path: Path) -> dict:
+    """Load model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return vlmft's extra
+    state (step, stream state, recipe)."""
+    import torch
+    import torch.distributed as dist
+
+    path = Path(path)
+    engine.load_checkpoint(str(path.parent), tag=path.name)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return torch.load(path / "vlmft_state.pt", weights_only=False)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
-
-
-def load(engine, path: Path) -> int:
-    """Load a checkpoint folder (or the latest under it); return the step to continue from."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        _, client = engine.load_checkpoint(str(path))
-    elif path.is_dir() and path.name.startswith("step"):
-        _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-    else:
-        return 0
-    return int(client["step"]) if client else 0
 
 
 def export(engine, processor, path: str) -> None:

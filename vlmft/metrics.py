@@ -22,7 +22,13 @@ class Metrics:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        path = out / "metrics.jsonl"
+        kept = []
+        if start_step and path.is_file():  # resumed: drop steps logged after the checkpoint
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        self.file = open(path, "w", encoding="utf-8")
+        self.file.write("".join(line + "\n" for line in kept))
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -52,7 +58,7 @@ class Metrics:
 
     def print(self, msg: str) -> None:
         if self.rank == 0:
-            self.console.print(msg)
+            self.console.print(msg, soft_wrap=True, highlight=False)
 
     def close(self) -> None:
         if self.rank != 0:

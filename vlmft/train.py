@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,8 @@ from .data.catalog import build_catalog
 from .data.stream import Materializer, PackPlan, deal
 from .metrics import Metrics
 from .model import load_model, load_processor
-from .recipe import Recipe, to_yaml
+from .recipe import Recipe, RecipeError, to_dict, to_yaml
+from .resume import compare
 
 BATCH_KEYS = ("input_ids", "position_ids", "labels", "sample_ids", "loss_weight", "pixel_values")
 
@@ -87,6 +90,7 @@ class TrainResult:
     rank: int
     world_size: int
     model: nn.Module        # the trained HF model (partitioned under ZeRO-3)
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after saving a checkpoint
 
 
 @dataclass
@@ -142,10 +146,37 @@ def _agreed_chunks(batches: list[dict], recipe: Recipe) -> list[int]:
     return need.tolist()
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits 0."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (one tiny all-reduce per step)."""
+        t = ds.all_reduce_sum(torch.tensor([float(self.flag)]))
+        return bool(t.item() > 0)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> TrainResult:
     rank, world = ds.init_distributed()
     torch.manual_seed(recipe.train.seed)
     out = Path(recipe.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = ds.resolve_resume(ckpt_dir, resume) if resume else None
     processor = load_processor(recipe.model)
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     catalog = build_catalog(recipe, processor)
@@ -158,17 +189,28 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     eng = ds.initialize(module, optimizer, scheduler, recipe, world)
 
     start = 0
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        start = ds.load(eng, ckpt_dir if resume == "auto" else Path(resume))
+    if resume_from is not None:
+        state = ds.load(eng, resume_from)
+        warnings, refusals = compare(state["recipe"], to_dict(recipe), state["world_size"], world)
+        if refusals and not force:
+            raise RecipeError([f"resume from {resume_from}: {r}" for r in refusals]
+                              + ["(these changes break exact resumption; pass --force to resume anyway)"])
+        for w in warnings + (refusals if force else []):
+            if rank == 0:
+                print(f"vlmft: resume: {w}", file=sys.stderr)
+        start = int(state["step"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
     metrics = Metrics(recipe.output_dir, recipe.train.max_steps, start, rank, recipe.log.tensorboard)
     metrics.print(f"vlmft: {world} rank(s), {len(catalog.samples)} samples "
                   f"({sum(catalog.dropped.values())} dropped), zero stage {recipe.engine.zero_stage}, "
-                  f"{recipe.engine.precision}, {recipe.train.max_steps} steps")
-    skipped = 0
+                  f"{recipe.engine.precision}, steps {start + 1}..{recipe.train.max_steps}"
+                  + (f", resumed from {resume_from}" if resume_from else ""))
+    preempt = _Preemption()
+    skipped, step, preempted = 0, start, False
+    losses = []
+    cap = recipe.data.packing.max_packed_tokens
     for step in range(start, recipe.train.max_steps):
         t0 = time.perf_counter()
         micro = deal(plan.step(step, world), rank, world, recipe.train.micro_batch_size)
@@ -177,22 +219,50 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
         r = train_step(eng, batches, recipe, world)
         skipped += r.skipped
         dt = time.perf_counter() - t0
+        losses.append(r.loss)
+        packs = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world
         if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps:
             metrics.log({
                 "step": step + 1, "loss": r.loss,
                 "lr": recipe.optim.lr * schedule.lr_factor(step, recipe.schedule, recipe.train.max_steps),
                 "grad_norm": _grad_norm(eng), "tokens": r.tokens, "supervised_tokens": r.supervised,
                 "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
-                "samples_per_s": r.samples / dt, "data_wait_s": t_data, "step_time_s": dt,
+                "samples_per_s": r.samples / dt, "fill": r.tokens / (packs * cap),
+                "data_wait_s": t_data, "step_time_s": dt, "peak_memory_gb": _peak_memory_gb(),
                 "skipped_steps": skipped})
+        done = step + 1
         every = recipe.checkpoint.every_steps
-        if every and (step + 1) % every == 0 and step + 1 < recipe.train.max_steps:
-            ds.save(eng, ckpt_dir, step + 1, recipe.checkpoint.keep_last)
+        preempted = preempt.agreed()
+        if preempted or (every and done % every == 0 and done < recipe.train.max_steps):
+            ds.save(eng, ckpt_dir, done, recipe.checkpoint.keep_last,
+                    {"step": done, "stream": {"step": done}, "recipe": to_dict(recipe), "world_size": world})
+        if preempted:
+            metrics.print(f"vlmft: signal received; saved {ckpt_dir}/step{done}, exiting "
+                          f"(continue with --resume auto)")
+            break
+    preempt.restore()
     metrics.close()
     final = out / "final"
-    ds.export(eng, processor, str(final))
-    return TrainResult(final=str(final), steps=recipe.train.max_steps, skipped_steps=skipped,
-                       dropped=dict(catalog.dropped), rank=rank, world_size=world, model=model)
+    if not preempted:
+        ds.export(eng, processor, str(final))
+        head, tail = _mean(losses[:10]), _mean(losses[-10:])
+        metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")
+    return TrainResult(final=str(final), steps=step + 1 if recipe.train.max_steps > start else start,
+                       skipped_steps=skipped, dropped=dict(catalog.dropped), rank=rank,
+                       world_size=world, model=model, preempted=preempted)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _grad_norm(eng) -> float:

@@ -1,0 +1,45 @@
+"""What may change between a checkpoint and the run that resumes it.
+
+A resumed run is exact when it sees the same data in the same order and computes the same
+updates. Keys that cannot affect that (where to log, how often to save, how many workers build
+batches) change freely; ``train.max_steps`` changes with a warning (the LR schedule stretches).
+Everything else, and a different global batch (micro_batch_size x grad_accum_steps x world
+size), is refused unless ``--force``.
+"""
+
+from __future__ import annotations
+
+FREE = ("output_dir", "checkpoint.", "log.", "data.num_workers")
+WARN = ("train.max_steps",)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def compare(saved: dict, current: dict, saved_world: int, world: int) -> tuple[list[str], list[str]]:
+    """(warnings, refusals) for resuming a run saved with ``saved`` onto ``current``."""
+    a, b = flatten(saved), flatten(current)
+    warnings, refusals = [], []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if old == new or key.startswith(FREE):
+            continue
+        line = f"{key}: {old!r} -> {new!r}"
+        (warnings if key.startswith(WARN) else refusals).append(line)
+    t0, t1 = saved["train"], current["train"]
+    g0 = t0["micro_batch_size"] * t0["grad_accum_steps"] * saved_world
+    g1 = t1["micro_batch_size"] * t1["grad_accum_steps"] * world
+    if g0 != g1:
+        refusals.append(f"global batch: {g0} packs a step ({saved_world} ranks) -> {g1} ({world} ranks); "
+                        "keep micro_batch_size x grad_accum_steps x world size equal")
+    elif saved_world != world:
+        warnings.append(f"world size: {saved_world} -> {world} ranks, same global batch of {g1} packs")
+    return warnings, refusals
