@@ -457,6 +457,10 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
     for o in bad:
         errors.append(f"{o}: an override must look like key.path=value")
     good = [o for o in overrides if "=" in o]
+    for o in good:  # a value from the command line is not on the file's line
+        key = o.split("=", 1)[0].lstrip("+~")
+        lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")
+                 and not k.startswith(key + "[")}
     if good:
         try:
             dot = OmegaConf.to_container(OmegaConf.from_dotlist(good))

@@ -1,0 +1,34 @@
+"""The README stays true: its example output, its commands, its file tree."""
+
+from __future__ import annotations
+
+import re
+
+from .conftest import ROOT, vlmft
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_bad_recipe_example_prints_what_the_readme_shows():
+    block = re.search(r"```\n\$ (vlmft train [^\n]+)\n(.*?)```", README, re.S)
+    cmd, expected = block.group(1), block.group(2).strip().splitlines()
+    p = vlmft(*cmd.split()[1:])
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == expected
+
+
+def test_listed_commands_run():
+    for cmd in ("vlmft lr-table recipes/internvl2_5-78b.yaml --by layer",
+                "vlmft pack-stats recipes/demo.yaml"):
+        assert cmd in README
+        p = vlmft(*cmd.split()[1:])
+        assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_every_file_in_the_layout_exists():
+    tree = README.split("## Layout", 1)[1].split("```")[1]
+    names = re.findall(r"^\s*([\w./-]+\.(?:py|yaml|toml|md))\b", tree, re.M)
+    assert len(names) > 15
+    found = {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts}
+    missing = [n for n in names if n.split("/")[-1] not in found]
+    assert not missing, missing
