@@ -63,9 +63,37 @@ def load_model(cfg: ModelConfig, precision: str = "fp32"):
         cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code)
     disable_cache(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
     return model
+
+
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")
+LANGUAGE_MODELS = ("language_model", "text_model")
+
+
+def enable_gradient_checkpointing(model, which: str) -> list[str]:
+    """Turn on activation recomputation in the vision tower, the language model or both;
+    returns the submodules switched on. Non-reentrant, so frozen towers and packed rows work."""
+    if which == "none":
+        return []
+    wanted = {"vision": VISION_TOWERS, "language": LANGUAGE_MODELS,
+              "both": VISION_TOWERS + LANGUAGE_MODELS}[which]
+    done = []
+    for name, sub in model.model.named_children():
+        if name in wanted:
+            if not getattr(sub, "supports_gradient_checkpointing", False):
+                raise ValueError(f"model.gradient_checkpointing: {type(sub).__name__} ({name}) does not "
+                                 "support gradient checkpointing")
+            kwargs = {"use_reentrant": False}
+            if hasattr(sub, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                sub.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            done.append(name)
+    if not done:
+        raise ValueError(f"model.gradient_checkpointing: no {which} tower found in "
+                         f"{type(model).__name__} (looked for {', '.join(wanted)})")
+    return done
 
 
 def meta_model(cfg: ModelConfig):

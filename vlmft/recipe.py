@@ -45,8 +45,9 @@ class ModelConfig:
     """Attention kernel; packed samples stay isolated in each (position ids restart per sample)."""
     trust_remote_code: bool = False
     """Allow the model folder's own Python code to run. Off unless you trust the folder."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (both towers) to save memory."""
+    gradient_checkpointing: str = choice("none", "none", "vision", "language", "both")
+    """Recompute activations in the backward pass to save memory: in the vision tower, the
+    language model, or both."""
 
 
 @dataclass
