@@ -108,6 +108,17 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
     return cfg
 
 
+def offload_optimizer(optimizer):
+    """ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorized CPU AdamW with the
+    same parameter groups (lr, lr_scale, weight decay and names carried over). Its kernel is
+    JIT-compiled once per machine (~140 s on 2 cores), then cached under TORCH_EXTENSIONS_DIR."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    d = optimizer.defaults
+    return DeepSpeedCPUAdam(optimizer.param_groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                            weight_decay=d["weight_decay"], adamw_mode=True)
+
+
 def initialize(model, optimizer, scheduler, recipe: Recipe, world_size: int):
     import deepspeed
 

@@ -183,6 +183,8 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     plan = PackPlan(recipe, catalog)
     materializer = Materializer(recipe, catalog, processor)
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
+    if recipe.engine.offload_optimizer:
+        optimizer = ds.offload_optimizer(optimizer)
     scheduler = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
     module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
                         vision_every_step=world > 1)
