@@ -23,7 +23,7 @@ from . import loss as lossmod
 from . import optim, schedule
 from .data.catalog import build_catalog
 from .data.stream import Materializer, PackPlan, deal
-from .metrics import Metrics
+from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
 from .model import load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
@@ -209,6 +209,9 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
                   f"({sum(catalog.dropped.values())} dropped), zero stage {recipe.engine.zero_stage}, "
                   f"{recipe.engine.precision}, steps {start + 1}..{recipe.train.max_steps}"
                   + (f", resumed from {resume_from}" if resume_from else ""))
+    text = getattr(model.config, "text_config", model.config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     preempt = _Preemption()
     skipped, step, preempted = 0, start, False
     losses = []
@@ -224,13 +227,20 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
         losses.append(r.loss)
         packs = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world
         if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps:
+            # MFU of this rank: its own tokens against its own device's peak
+            local = sum(b["input_ids"].numel() for b in batches)
+            flops = model_flops(trainable, local, sum_sq_lengths(batches), text.num_hidden_layers,
+                                text.hidden_size)
+            factor = schedule.lr_factor(step, recipe.schedule, recipe.train.max_steps)
             metrics.log({
-                "step": step + 1, "loss": r.loss,
-                "lr": recipe.optim.lr * schedule.lr_factor(step, recipe.schedule, recipe.train.max_steps),
+                "step": step + 1, "loss": r.loss, "lr": recipe.optim.lr * factor,
                 "grad_norm": _grad_norm(eng), "tokens": r.tokens, "supervised_tokens": r.supervised,
                 "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
                 "samples_per_s": r.samples / dt, "fill": r.tokens / (packs * cap),
                 "data_wait_s": t_data, "step_time_s": dt, "peak_memory_gb": _peak_memory_gb(),
+                "mfu": flops / dt / peak if peak else None,
+                # the LR each group used in this step (the scheduler has already moved on)
+                "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in optimizer.param_groups},
                 "skipped_steps": skipped})
         done = step + 1
         every = recipe.checkpoint.every_steps
