@@ -48,7 +48,7 @@ def test_every_field_has_help_text():
 
 def test_all_errors_are_collected_with_lines(tmp_path, in_root):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(DEMO.read_text().replace("max_steps: 60", "max_stpes: 60")
+    bad.write_text(DEMO.read_text().replace("max_steps:", "max_stpes:")
                    .replace("zero_stage: 2", "zero_stage: 5")
                    .replace("lr: 3.0e-3", "lr: fast"))
     with pytest.raises(R.RecipeError) as e:
