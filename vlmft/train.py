@@ -257,8 +257,9 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     final = out / "final"
     if not preempted:
         ds.export(eng, processor, str(final))
-        head, tail = _mean(losses[:10]), _mean(losses[-10:])
-        metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")
+        if len(losses) >= 20:
+            head, tail = _mean(losses[:10]), _mean(losses[-10:])
+            metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")
     return TrainResult(final=str(final), steps=step + 1 if recipe.train.max_steps > start else start,
                        skipped_steps=skipped, dropped=dict(catalog.dropped), rank=rank,
                        world_size=world, model=model, preempted=preempted)
