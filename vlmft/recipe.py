@@ -106,6 +106,31 @@ class DataConfig:
     """Stop training once more than this fraction of the samples read were bad."""
     num_workers: int = 0
     """DataLoader worker processes that build tensors (0 = in the training process)."""
+    prefetch_steps: int = 2
+    """With num_workers > 0: optimizer steps of micro-batches the workers build ahead (per rank)."""
+    mixture: str = choice("size", "size", "temperature")
+    """How datasets are mixed: size = in proportion to samples x repeat_time (InternVL's rule);
+    temperature = p_i proportional to n_i^(1/tau), n_i = samples x repeat_time, tau below."""
+    temperature: float = 1.0
+    """tau of mixture=temperature (at the start of training under a schedule): 1 = by size,
+    larger flattens the mix toward uniform (small datasets upsampled)."""
+    temperature_schedule: str = choice("constant", "constant", "linear")
+    """constant: tau stays data.temperature; linear: tau moves linearly from data.temperature to
+    data.temperature_end over train.max_steps (e.g. 3 -> 1: a cooldown to the natural mix)."""
+    temperature_end: float = 1.0
+    """tau at the end of training under temperature_schedule=linear."""
+    round_size: int = 0
+    """Samples per mixture round (0 = the catalog's sample count: a round is an epoch). Each round
+    draws its mix at the tau of its start, shuffles and packs; smaller rounds follow a tau
+    schedule more finely, larger ones leave fewer part-filled packs at round ends."""
+    rank_balance: str = choice("compute", "compute", "round_robin")
+    """How a step's packs are dealt to ranks and micro-batches: compute = balance the estimated
+    compute (tokens + attention + vision tiles); round_robin = pack j to rank j % world."""
+    attention_cost_length: int = 49152
+    """For rank_balance: the sample length L* whose attention costs as much as its linear layers
+    (about 12 x the LLM hidden size); a pack costs tokens + sum(L^2)/L* + tile_cost x tiles."""
+    tile_cost: float = 64.0
+    """For rank_balance: the vision tower's cost of one image tile, in language-model tokens."""
 
 
 @dataclass
@@ -391,6 +416,20 @@ def _semantic_checks(r: Recipe) -> list[str]:
     if not 0.0 <= r.data.max_bad_fraction <= 1.0:
         e.append("data.max_bad_fraction: must be in [0, 1]")
     positive("data.num_workers", r.data.num_workers, allow_zero=True)
+    positive("data.prefetch_steps", r.data.prefetch_steps)
+    positive("data.temperature", r.data.temperature)
+    positive("data.temperature_end", r.data.temperature_end)
+    if r.data.mixture == "size":
+        for k, v, default in (("temperature", r.data.temperature, 1.0),
+                              ("temperature_schedule", r.data.temperature_schedule, "constant"),
+                              ("temperature_end", r.data.temperature_end, 1.0)):
+            if v != default:
+                e.append(f"data.{k}: only used with data.mixture=temperature (mixture is size)")
+    elif r.data.temperature_schedule == "constant" and r.data.temperature_end != 1.0:
+        e.append("data.temperature_end: only used with data.temperature_schedule=linear")
+    positive("data.round_size", r.data.round_size, allow_zero=True)
+    positive("data.attention_cost_length", r.data.attention_cost_length)
+    positive("data.tile_cost", r.data.tile_cost, allow_zero=True)
     positive("data.max_tiles_per_image", r.data.max_tiles_per_image, allow_zero=True)
     positive("loss.chunk_size", r.loss.chunk_size)
     positive("optim.lr", r.optim.lr)

@@ -22,7 +22,7 @@ from . import engine as ds
 from . import loss as lossmod
 from . import optim, schedule
 from .data.catalog import build_catalog
-from .data.stream import Materializer, PackPlan, deal
+from .data.loader import StepLoader, bad_fraction_error
 from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
 from .model import load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
@@ -99,6 +99,7 @@ class StepResult:
     tokens: int
     supervised: int
     samples: int
+    bad: int                # samples that failed to materialize (all ranks)
     skipped: bool
 
 
@@ -116,14 +117,16 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResu
         float(lossmod.local_weight_sum(batches, red)),
         sum(b["input_ids"].numel() for b in batches),
         sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
-        sum(b["num_samples"] for b in batches)], dtype=torch.float64, device=dev)
-    counts = ds.all_reduce_sum(counts)
+        sum(b["num_samples"] for b in batches),
+        sum(b.get("num_bad", 0) for b in batches)], dtype=torch.float64, device=dev)
+    counts = ds.all_reduce_sum(counts)  # the step's one collective before the first backward
     W = counts[0].float()
-    tokens, supervised, samples = (int(x) for x in counts[1:].tolist())
+    tokens, supervised, samples, bad = (int(x) for x in counts[1:].tolist())
     if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
         eng.lr_scheduler.step()
-        return StepResult(float("nan"), tokens, supervised, samples, skipped=True)
-    n_chunks = _agreed_chunks(batches, recipe) if recipe.engine.zero_stage == 3 else None
+        return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True)
+    # The engine's own stage: ZeRO-3 may also come from engine.deepspeed.zero_optimization.
+    n_chunks = _agreed_chunks(batches, recipe, dev) if eng.zero_optimization_stage() == 3 else None
     s_sum = torch.zeros((), device=dev)
     for i, b in enumerate(batches):
         inputs = {k: (b[k].to(dev) if b[k] is not None else None) for k in BATCH_KEYS}
@@ -132,15 +135,16 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResu
         eng.step()
         s_sum += s.detach().float()
     loss = ds.all_reduce_sum(s_sum) / W
-    return StepResult(float(loss), tokens, supervised, samples, skipped=False)
+    return StepResult(float(loss), tokens, supervised, samples, bad, skipped=False)
 
 
-def _agreed_chunks(batches: list[dict], recipe: Recipe) -> list[int]:
-    """Under ZeRO-3 every rank must call the head the same number of times per micro-batch."""
+def _agreed_chunks(batches: list[dict], recipe: Recipe, device=None) -> list[int]:
+    """Under ZeRO-3 every rank must call the head the same number of times per micro-batch.
+    The counts live on the engine's device: nccl all-reduces no CPU tensor."""
     import torch.distributed as dist
 
     need = torch.tensor([lossmod.chunks_needed(int((b["labels"] != lossmod.IGNORE_INDEX).sum()),
-                                               recipe.loss.chunk_size) for b in batches])
+                                               recipe.loss.chunk_size) for b in batches], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(need, op=dist.ReduceOp.MAX)
     return need.tolist()
@@ -180,8 +184,6 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     processor = load_processor(recipe.model)
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     catalog = build_catalog(recipe, processor)
-    plan = PackPlan(recipe, catalog)
-    materializer = Materializer(recipe, catalog, processor)
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)
@@ -190,9 +192,10 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
                         vision_every_step=world > 1)
     eng = ds.initialize(module, optimizer, scheduler, recipe, world)
 
-    start = 0
+    start, stream_state = 0, None
     if resume_from is not None:
         state = ds.load(eng, resume_from)
+        stream_state = state["stream"]
         warnings, refusals = compare(state["recipe"], to_dict(recipe), state["world_size"], world)
         if refusals and not force:
             raise RecipeError([f"resume from {resume_from}: {r}" for r in refusals]
@@ -213,17 +216,22 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     preempt = _Preemption()
-    skipped, step, preempted = 0, start, False
+    skipped, step, preempted, bad, seen = 0, start, False, 0, 0
     losses = []
     cap = recipe.data.packing.max_packed_tokens
-    for step in range(start, recipe.train.max_steps):
-        t0 = time.perf_counter()
-        micro = deal(plan.step(step, world), rank, world, recipe.train.micro_batch_size)
-        batches = [materializer.micro_batch(p) for p in micro]
-        t_data = time.perf_counter() - t0
+    loader = StepLoader(recipe, catalog, processor, rank, world, start_step=start)
+    if stream_state:
+        loader.load_state_dict(stream_state)  # O(1): no replay of earlier steps
+    t0 = time.perf_counter()
+    for step, batches, t_data in loader:
         r = train_step(eng, batches, recipe, world)
         skipped += r.skipped
+        bad, seen = bad + r.bad, seen + r.samples + r.bad  # global sums: every rank decides alike
+        msg = bad_fraction_error(bad, seen, recipe.data.max_bad_fraction, examples=catalog.examples)
+        if msg:
+            raise RecipeError([msg])
         dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
         losses.append(r.loss)
         packs = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world
         if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps:
@@ -241,13 +249,13 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
                 "mfu": flops / dt / peak if peak else None,
                 # the LR each group used in this step (the scheduler has already moved on)
                 "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in optimizer.param_groups},
-                "skipped_steps": skipped})
+                "bad_samples": bad, "skipped_steps": skipped})
         done = step + 1
         every = recipe.checkpoint.every_steps
         preempted = preempt.agreed()
         if preempted or (every and done % every == 0 and done < recipe.train.max_steps):
             ds.save(eng, ckpt_dir, done, recipe.checkpoint.keep_last,
-                    {"step": done, "stream": {"step": done}, "recipe": to_dict(recipe), "world_size": world})
+                    {"step": done, "stream": loader.state_dict(), "recipe": to_dict(recipe), "world_size": world})
         if preempted:
             metrics.print(f"vlmft: signal received; saved {ckpt_dir}/step{done}, exiting "
                           f"(continue with --resume auto)")

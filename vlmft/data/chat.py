@@ -11,38 +11,47 @@ Each text segment is tokenized on its own (the boundaries sit after the generati
 after end-of-turn tokens, where BPE cannot merge across anyway); segments that hold images go
 through the processor, which expands each image placeholder to its image tokens.
 
-Two passes, the same code:
-- :func:`plan` reads image sizes from file headers and asks the processor how many tokens and
-  tiles each image becomes: the sample's length without decoding a pixel (for the packer).
+Two passes, the same segments:
+- :func:`plan` / :func:`plan_many` read image sizes from file headers and ask the processor how
+  many tokens and tiles each image becomes: the sample's length without decoding a pixel (for
+  the packer).
 - :func:`encode` decodes the images and returns the tensors; its length equals the plan's.
+
+Speed (planning 100k samples takes seconds, not minutes). A conversation's *shape* (roles, and
+the text/image layout of each turn) is rendered once with sentinel texts, for the full chat and
+for every prefix the spans need. The sentinels hold characters that escaping or JSON would
+change, and they note any use other than being output (a method call, a comparison, a length,
+iteration, ...). For a shape whose sentinels come out intact and untouched the template only
+copies the texts, so a sample's segments are the skeleton's pieces with its texts put in: no
+render at all. Otherwise, when the sentinels at least come out intact, each sample is rendered
+once and must equal the filled skeleton, or it takes the slow path (every prefix rendered), so
+a template that edits or inspects content is never guessed at. The compiled Jinja template is
+called directly, as ``apply_chat_template`` calls it, after checking once that both agree.
+Text is tokenized many samples at a time (:func:`plan_many`); header sizes are cached per path
+(images.py); image tokens and tiles per (height, width, max_tiles).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import images as imageio
+from .sources import PLACEHOLDER, ROLES, BadSample, turns  # noqa: F401  (re-exported)
 
-ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-PLACEHOLDER = "<image>"
-
-
-class BadSample(Exception):
-    """A record we cannot train on. ``reason`` is the counted key (see stream.BAD_REASONS)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+_NASTY = " \t\"'\\<&>{%#}\n"
+_SENTINEL = re.compile("\ue000(\\d+)" + re.escape(_NASTY) + "\ue001")
 
 
 @dataclass
 class Segment:
     text: str
     supervised: bool
-    images: list[Path] = field(default_factory=list)
+    images: list[str | Path] = field(default_factory=list)
 
 
 @dataclass
@@ -62,77 +71,238 @@ class Encoded:
     tiles: int = 0
 
 
-def messages(record: dict, image_root: Path) -> tuple[list[dict], list[Path]]:
-    """LLaVA/InternVL record -> chat messages (content lists with image items) and image paths."""
-    conv = record.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise BadSample("missing_key", "'conversations' must be a non-empty list")
-    imgs = record.get("image", [])
-    imgs = [imgs] if isinstance(imgs, str) else imgs
-    if not isinstance(imgs, list) or not all(isinstance(p, str) for p in imgs):
-        raise BadSample("missing_key", "'image' must be a path or a list of paths")
-    paths = [Path(p) if Path(p).is_absolute() else image_root / p for p in imgs]
-    n_placeholders = sum(t.get("value", "").count(PLACEHOLDER) for t in conv if isinstance(t, dict))
-    if n_placeholders == 0 and paths:
-        # InternVL's rule: an image without a placeholder goes before the first human text.
-        conv = [dict(t) for t in conv]
-        first = next((t for t in conv if isinstance(t, dict) and t.get("from") == "human"), None)
-        if first is not None:
-            first["value"] = PLACEHOLDER * len(paths) + "\n" + str(first.get("value", ""))
-            n_placeholders = len(paths)
-    if n_placeholders != len(paths):
-        raise BadSample("image_count_mismatch", f"{n_placeholders} '<image>' placeholders, {len(paths)} images")
-    out = []
-    for t in conv:
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise BadSample("missing_key", "each turn needs 'from' and 'value'")
-        role = ROLES.get(t["from"])
-        if role is None:
-            raise BadSample("unknown_role", f"'{t['from']}' (expected system, human or gpt)")
-        if not isinstance(t["value"], str):
-            raise BadSample("missing_key", "'value' must be a string")
-        if role != "user" and PLACEHOLDER in t["value"]:
-            raise BadSample("image_count_mismatch", f"'<image>' in a {t['from']} turn")
-        parts = [p for p in re.split(f"({re.escape(PLACEHOLDER)})", t["value"])]
+def messages(record: dict, image_root: str | Path) -> tuple[list[dict], list[str]]:
+    """LLaVA/InternVL record -> chat messages (content lists with image items) and image paths
+    (image_root joined with each relative path)."""
+    ts, imgs = turns(record)
+    return _messages(ts), _paths(image_root, imgs)
+
+
+def _messages(ts) -> list[dict]:
+    return [{"role": role, "content": [{"type": "image"} if c is None else {"type": "text", "text": c}
+                                       for c in content]} for role, content in ts]
+
+
+def _paths(image_root, imgs: list[str]) -> list[str]:
+    root = str(image_root)
+    return [os.path.join(root, p) for p in imgs]   # an absolute p stays as it is
+
+
+# ---------------------------------------------------------------- rendering
+
+class _Traced(str):
+    """A sentinel text that notes (``_Traced.touched``) any use but being output as it is."""
+    touched = False
+
+    def __str__(self):   # str(x) in a filter keeps tracing; output joins it verbatim
+        return self
+
+
+def _touch(name):
+    method = getattr(str, name)
+
+    def touched(self, *args, **kwargs):
+        _Traced.touched = True
+        return method(self, *args, **kwargs)
+    return touched
+
+
+for _name in [n for n in dir(str) if not n.startswith("_")] + [
+        "__contains__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__",
+        "__len__", "__getitem__", "__iter__", "__add__", "__mul__", "__rmul__", "__mod__",
+        "__rmod__", "__format__"]:
+    setattr(_Traced, _name, _touch(_name))
+_Traced.__int__ = _Traced.__float__ = _Traced.__index__ = _touch("__len__")  # flag, then fail later
+_LOCK = threading.Lock()
+
+
+class _Fast:
+    """Per-processor caches: the compiled template, shapes, image token counts, token counts."""
+
+    def __init__(self, processor):
+        self.template = self.base = None
+        self.shapes: dict[tuple, tuple] = {}
+        self.mm: dict[tuple, tuple[int, int]] = {}
+        self.text_cache: dict[str, int] = {}
+        self.image_token = processor.image_token
+        try:  # the same call apply_chat_template makes, minus its per-call conversions
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            t = self.template = _compile_jinja_template(processor._resolve_chat_template(None))
+            self.base = {**t.globals, "tools": None, "documents": None,
+                         **{k: v for k, v in processor.tokenizer.special_tokens_map.items()
+                            if isinstance(v, (str, list))}}
+            probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " a\n"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "b "}]}]
+            if any(self.render(probe, g) != _slow_render(processor, probe, g) for g in (False, True)):
+                self.template = None
+        except Exception:
+            self.template = None
+
+    def render(self, msgs, gen):
+        """``template.render(messages=..., ...)`` without its per-call merge of the globals."""
+        t = self.template
+        env = t.environment
+        ctx = env.context_class(env, {**self.base, "messages": msgs, "add_generation_prompt": gen},
+                                t.name, t.blocks)
+        return env.concat(t.root_render_func(ctx))
+
+    def shape(self, shape: tuple) -> tuple:
+        """(skeleton or None, blind segments or None) of a conversation shape."""
+        hit = self.shapes.get(shape)
+        if hit is None:
+            with _LOCK:
+                try:
+                    hit = _skeleton(self, shape)
+                except Exception:   # the template refused the sentinel chat: per sample, slowly
+                    hit = (None, None)
+            self.shapes[shape] = hit
+        return hit
+
+
+_FAST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fast(processor) -> _Fast:
+    try:
+        f = _FAST.get(processor)
+    except TypeError:  # not weak-referenceable: no caching
+        return _Fast(processor)
+    if f is None:
+        f = _FAST[processor] = _Fast(processor)
+    return f
+
+
+def _slow_render(processor, msgs, gen=False) -> str:
+    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def _sent(k: int) -> str:
+    return f"\ue000{k}{_NASTY}\ue001"
+
+
+def _pieces(rendered: str, expect: int | None = None) -> list | None:
+    """Split a sentinel render into literal strings and text indices; None unless the texts
+    ``0..expect-1`` each appear once, in order, and no sentinel was cut or altered."""
+    parts = _SENTINEL.split(rendered)
+    if expect is not None and [int(x) for x in parts[1::2]] != list(range(expect)):
+        return None
+    if any("\ue000" in p or "\ue001" in p for p in parts[::2]):
+        return None
+    return [int(p) if k % 2 else p for k, p in enumerate(parts) if p or k % 2]
+
+
+def _fill(pieces: list, texts: list[str]) -> str:
+    return "".join([texts[p] if type(p) is int else p for p in pieces])
+
+
+def _skeleton(fast: _Fast, shape: tuple) -> tuple:
+    """Render a shape with traced sentinel texts: the full chat and the prefixes the spans need
+    (``skeleton``); and, when the template only copied the texts, the segments as pieces."""
+    sk, n, counts = [], 0, []
+    for role, layout in shape:
         content = []
-        for p in parts:
-            if p == PLACEHOLDER:
-                content.append({"type": "image"})
-            elif p.strip("\n") or (p and content):
-                content.append({"type": "text", "text": p.lstrip("\n") if content else p})
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise BadSample("no_supervised_tokens", "no gpt turn")
-    return out, paths
+        for is_image in layout:
+            content.append({"type": "image"} if is_image else {"type": "text", "text": _Traced(_sent(n))})
+            n += not is_image
+        sk.append({"role": role, "content": content})
+        counts.append(n)
+    _Traced.touched = False
+    full_s = fast.render(sk, False)
+    full = _pieces(full_s, n)
+    prefixes = {}
+    for i, (role, _) in enumerate(shape):
+        for j, gen in ((i, True), (i + 1, False)) if role == "assistant" and full else ():
+            if j and (j, gen) not in prefixes:
+                prefixes[j, gen] = _pieces(fast.render(sk[:j], gen), counts[j - 1])
+    if full is None or None in prefixes.values():
+        return None, None
+    if _Traced.touched:
+        return {"full": full, "prefixes": prefixes}, None
+    sents = [_sent(k) for k in range(n)]
+    try:
+        parts = _split(full_s, lambda j, gen: _fill(prefixes[j, gen], sents), [r for r, _ in shape])
+    except BadSample:
+        return None, None
+    blind = []
+    for text, sup in parts:
+        pieces = _pieces(text)
+        if pieces is None or (sup and text.endswith("\ue001")):
+            # a cut inside a text, or the span's end would move with the text's trailing spaces
+            return {"full": full, "prefixes": prefixes}, None
+        n_img = sum(p.count(fast.image_token) for p in pieces if type(p) is str)
+        blind.append((sup, pieces, n_img))
+    return {"full": full, "prefixes": prefixes}, blind
 
 
-def segments(processor, msgs: list[dict], paths: list[Path]) -> list[Segment]:
-    """Split the rendered conversation into supervised / unsupervised text, images attached."""
-    def render(ms, gen=False):
-        return processor.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
-
-    full = render(msgs)
+def _split(full: str, render, roles: list[str]) -> list[tuple[str, bool]]:
+    """The full render cut into (text, supervised) at each assistant span (empty ones left out)."""
     cuts, pos = [], 0
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+    for i, role in enumerate(roles):
+        if role != "assistant":
             continue
-        start = len(render(msgs[:i], gen=True)) if i else 0
-        end = len(render(msgs[: i + 1]).rstrip())
-        if start < pos or end > len(full) or not full.startswith(render(msgs[: i + 1]).rstrip()):
+        start = len(render(i, True)) if i else 0
+        turn = render(i + 1, False).rstrip()
+        if start < pos or len(turn) > len(full) or not full.startswith(turn):
             raise BadSample("template", "the chat template is not prefix-stable; cannot find the "
                             "assistant spans (please report the model)")
-        cuts.append((start, end))
-        pos = end
-    out, pos, img_iter = [], 0, iter(paths)
-    image_token = processor.image_token
+        cuts.append((start, len(turn)))
+        pos = len(turn)
+    out, pos = [], 0
     for s, e in cuts + [(len(full), len(full))]:
-        for text, sup in ((full[pos:s], False), (full[s:e], True)):
-            if text:
-                n = text.count(image_token)
-                out.append(Segment(text, sup, [next(img_iter) for _ in range(n)]))
+        out += [(full[pos:s], False), (full[s:e], True)]
         pos = e
+    return [(t, sup) for t, sup in out if t]
+
+
+def _attach(parts, paths: list, token: str, counts=None) -> list[Segment]:
+    """Segments with their images: as many paths as image tokens in each text, in order."""
+    out, k = [], 0
+    for n, (text, sup) in zip(counts or (text.count(token) for text, _ in parts), parts):
+        if text:
+            if counts is not None and text.count(token) != n or k + n > len(paths):
+                raise BadSample("image_count_mismatch", f"a text holds the image token {token!r}")
+            out.append(Segment(text, sup, paths[k:k + n]))
+            k += n
+    if k != len(paths):
+        raise BadSample("image_count_mismatch", f"the chat template wrote {k} image tokens for {len(paths)} images")
     return out
 
+
+def sample_segments(processor, record: dict, image_root: str | Path) -> list[Segment]:
+    """A record's segments: from its shape's pieces when the template only copies texts, else
+    through :func:`segments`. BadSample when the record is unusable."""
+    ts, imgs = turns(record)
+    paths = _paths(image_root, imgs)
+    fast = _fast(processor)
+    blind = fast.template is not None and fast.shape(tuple(
+        (role, tuple(c is None for c in content)) for role, content in ts))[1]
+    if not blind:
+        return segments(processor, _messages(ts), paths)
+    texts = [c for _, content in ts for c in content if c is not None]
+    parts = [("".join([texts[p] if type(p) is int else p for p in pieces]), sup) for sup, pieces, _ in blind]
+    return _attach(parts, paths, fast.image_token, [n for _, _, n in blind])
+
+
+def segments(processor, msgs: list[dict], paths: list[str | Path]) -> list[Segment]:
+    """Split the rendered conversation into supervised / unsupervised text, images attached."""
+    fast = _fast(processor)
+    render = None
+    if fast.template is not None:
+        sk = fast.shape(tuple((m["role"], tuple(c["type"] == "image" for c in m["content"]))
+                              for m in msgs))[0]
+        if sk is not None:
+            texts = [c["text"] for m in msgs for c in m["content"] if c["type"] == "text"]
+            full = _fill(sk["full"], texts)
+            if full == fast.render(msgs, False):   # the skeleton holds for this sample
+                render = lambda j, gen: _fill(sk["prefixes"][j, gen], texts)  # noqa: E731
+    if render is None:
+        full = _slow_render(processor, msgs)
+        render = lambda j, gen: _slow_render(processor, msgs[:j], gen)  # noqa: E731
+    return _attach(_split(full, render, [m["role"] for m in msgs]), list(paths), processor.image_token)
+
+
+# ---------------------------------------------------------------- planning
 
 def _images_kwargs(processor, max_tiles: int) -> dict:
     if max_tiles and hasattr(processor.image_processor, "max_patches"):
@@ -144,21 +314,94 @@ def _text_ids(processor, text: str) -> list[int]:
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _image_cost(processor, fast: _Fast, path: str | Path, max_tiles: int) -> tuple[int, int]:
+    """(tokens, tiles) one image becomes, from its header size."""
+    key = imageio.size(path) + (max_tiles,)
+    hit = fast.mm.get(key)
+    if hit is None:
+        mm = processor._get_num_multimodal_tokens(image_sizes=[key[:2]], **_images_kwargs(processor, max_tiles))
+        tiles = getattr(mm, "num_image_patches", None) or [1]
+        hit = fast.mm[key] = (mm.num_image_tokens[0], tiles[0])
+    return hit
+
+
+def _count_tokens(processor, fast: _Fast, texts: list[str]) -> list[int]:
+    """Token count of each text, tokenized one batch at a time (deduplicated, cached)."""
+    cache = fast.text_cache
+    if len(cache) > 200_000:
+        cache.clear()
+    todo = list({t: None for t in texts if t not in cache})
+    if todo:
+        tok = processor.tokenizer
+        backend = getattr(tok, "_tokenizer", None)
+        if (hasattr(backend, "encode_batch_fast") and backend.truncation is None and backend.padding is None
+                and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
+            # what tok(todo, add_special_tokens=False) runs, minus offsets and per-row dicts
+            counts = map(len, backend.encode_batch_fast(todo, add_special_tokens=False))
+        else:
+            counts = map(len, tok(todo, add_special_tokens=False, return_attention_mask=False,
+                                  return_token_type_ids=False)["input_ids"])
+        cache.update(zip(todo, counts))
+    return [cache[t] for t in texts]
+
+
+def plan_many(processor, items: list[tuple[list[Segment], int]]) -> list[Plan | Exception]:
+    """Plans of many samples (segments, max_tiles), their text tokenized in one batch. A
+    sample whose image is bad comes back as its ImageProblem instead of a Plan."""
+    fast = _fast(processor)
+    counts = iter(_count_tokens(processor, fast, [s.text for segs, _ in items for s in segs]))
+    out = []
+    for segs, max_tiles in items:
+        length = tiles = sup = nimg = 0
+        problem = None
+        for seg in segs:
+            n = next(counts)
+            for p in seg.images:
+                try:
+                    tok, til = _image_cost(processor, fast, p, max_tiles)
+                except imageio.ImageProblem as exc:
+                    problem = problem or exc
+                    continue
+                n += tok - 1   # the placeholder token becomes tok tokens
+                tiles += til
+                nimg += 1
+            length += n
+            sup += n if seg.supervised else 0
+        out.append(problem or Plan(length=length, tiles=tiles, n_supervised=sup, num_images=nimg))
+    return out
+
+
 def plan(processor, segs: list[Segment], max_tiles: int = 0) -> Plan:
-    length = tiles = sup = nimg = 0
+    (p,) = plan_many(processor, [(segs, max_tiles)])
+    if isinstance(p, Exception):
+        raise p
+    return p
+
+
+def truncated_plan(processor, segs: list[Segment], max_tiles: int, max_len: int) -> Plan | None:
+    """The plan of the first max_len tokens, as :func:`truncate` will cut them: None when the
+    cut would fall inside or before an image span, or leave no supervised token."""
+    fast = _fast(processor)
+    pos = sup = tiles = nimg = last_image = 0
     for seg in segs:
         n = len(_text_ids(processor, seg.text))
         if seg.images:
-            sizes = [imageio.size(p) for p in seg.images]
-            mm = processor._get_num_multimodal_tokens(image_sizes=sizes, **_images_kwargs(processor, max_tiles))
-            # each placeholder token becomes num_image_tokens tokens
-            n += sum(mm.num_image_tokens) - len(sizes)
-            tiles += sum(getattr(mm, "num_image_patches", None) or [1] * len(sizes))
-            nimg += len(sizes)
-        length += n
-        sup += n if seg.supervised else 0
-    return Plan(length=length, tiles=tiles, n_supervised=sup, num_images=nimg)
+            costs = [_image_cost(processor, fast, p, max_tiles) for p in seg.images]
+            grow = sum(tok - 1 for tok, _ in costs)
+            head = seg.text[: seg.text.rindex(processor.image_token) + len(processor.image_token)]
+            last_image = pos + len(_text_ids(processor, head)) + grow   # one past the last image token
+            n += grow
+            tiles += sum(t for _, t in costs)
+            nimg += len(costs)
+        if seg.supervised and pos < max_len:
+            sup += min(n, max_len - pos)
+        pos += n
+    if last_image > max_len or sup == 0:
+        return None
+    return Plan(length=min(pos, max_len), tiles=tiles, n_supervised=sup, num_images=nimg)
 
+
+# ---------------------------------------------------------------- encoding
 
 def encode(processor, segs: list[Segment], max_tiles: int = 0) -> Encoded:
     import torch

@@ -1,12 +1,22 @@
-"""From datasets to the micro-batches each rank trains on at each optimizer step.
+"""From datasets to the packs each rank trains on at each optimizer step.
 
-    records --plan (text + image headers)--> catalog of usable samples (length, tiles, n_sup)
-            --shuffle(seed, epoch)--> packer --> epoch's packs --> global pack sequence
+    catalog of usable samples (length, tiles, n_sup, dataset)
+      --mixture (mixture.py): round c draws R samples, q_i from dataset i, at the round's tau
+      --shuffle(seed, c)--> packer --> the round's packs --shuffle(seed, c)--> global pack sequence
     step k takes packs [k*G, (k+1)*G), G = micro_batch_size x grad_accum_steps x world_size
+      --balance.py--> this rank's grad_accum_steps micro-batches of micro_batch_size packs
 
 The packs of step k depend only on the recipe, the seed and G, never on how G is split into
-ranks and accumulation steps: (1 rank x 4 accumulation) and (2 x 2) train on the same packs.
-The stream's state is the step number alone, so resuming is O(1): no replay.
+ranks and accumulation steps: (1 rank x 4 accumulation), (2 x 2) and (4 x 1) train on the same
+packs. The packs of a round are shuffled before they are cut into steps (the packer emits them
+in an order correlated with length).
+
+Where the plan stands is a few integers: the round c holding step k's first pack, the global
+index of that round's first pack, and one cursor per dataset (see mixture.py). ``state_dict``
+returns them; ``load_state_dict`` puts a fresh plan there, so a resumed run plans one round
+(the one it resumes in) and replays nothing: the same packs as the uninterrupted run, on any
+world size with the same global batch. Without a saved state a plan walks the rounds from 0
+(packing lengths only, no tensors).
 
 A micro-batch is the ``micro_batch_size`` packs it holds laid end to end in one row (batch size
 1, no padding); position ids restart at every sample, which is how transformers' sdpa, eager
@@ -15,66 +25,209 @@ and flash-attention paths isolate packed samples.
 
 from __future__ import annotations
 
-import random
+import threading
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..recipe import Recipe, RecipeError
-from . import chat
+from . import balance, chat
 from .catalog import Catalog, SampleRef, max_tiles, segments
 from .images import ImageProblem
+from .mixture import TAG_PACKS, TAG_ROUND, Mixture, rng
 
 IGNORE = -100
+ROUNDS_KEPT = 3
+
+
+@dataclass
+class Round:
+    index: int
+    start: int               # global index of its first pack
+    packs: list[list[int]]   # catalog sample indices, in training order
+    costs: np.ndarray        # estimated compute per pack (balance.pack_costs)
+    tau: float
+    quotas: np.ndarray       # samples drawn per dataset
 
 
 class PackPlan:
-    """The global sequence of packs over epochs; pack j of epoch e is fixed by (seed, e)."""
+    """The global sequence of packs over rounds, and each step's deal to ranks.
 
-    def __init__(self, recipe: Recipe, catalog: Catalog):
+    ``global_batch`` (G) fixes where a tau schedule stands (progress = packs / (max_steps x G));
+    left None it is taken from the first ``step``/``rank_step``/``load_state_dict`` call
+    (micro_batch_size x grad_accum_steps x world); rounds after the first need it only under
+    ``temperature_schedule=linear``."""
+
+    def __init__(self, recipe: Recipe, catalog: Catalog, global_batch: int | None = None):
         if not catalog.samples:
             raise RecipeError(["data.datasets: no usable sample (dropped: "
                                + ", ".join(f"{k}={v}" for k, v in catalog.dropped.items()) + ")"])
         self.recipe, self.catalog = recipe, catalog
-        self._epochs: dict[int, list[list[int]]] = {}
+        s = catalog.samples
+        self.lengths = np.fromiter((x.length for x in s), dtype=np.int64, count=len(s))
+        tiles = np.fromiter((x.tiles for x in s), dtype=np.int64, count=len(s))
+        self.tiles = tiles if tiles.any() else None
+        self.mix = Mixture.from_recipe(recipe, catalog)
+        self.G = global_batch
+        self._bounds: dict[int, tuple[int, np.ndarray]] = {0: (0, np.zeros(len(catalog.datasets), np.int64))}
+        self._rounds: dict[int, Round] = {}
+        self._dealt: tuple | None = None
+        self._lock = threading.RLock()
 
-    def epoch(self, e: int) -> list[list[int]]:
-        if e not in self._epochs:
-            order = list(range(len(self.catalog.samples)))
-            random.Random(f"{self.recipe.train.seed}:{e}").shuffle(order)
-            self._epochs[e] = [[order[i] for i in p] for p in self._pack(order)]
-        return self._epochs[e]
+    # ------------------------------------------------------------------ the pack sequence
 
-    def _pack(self, order: list[int]) -> list[list[int]]:
+    def global_batch(self, world: int | None = None) -> int:
+        t = self.recipe.train
+        if world is None:
+            if self.G is None:
+                raise ValueError("this plan's global batch is not known yet: pass global_batch to "
+                                 "PackPlan, or world to step/rank_step")
+            return self.G
+        g = t.micro_batch_size * t.grad_accum_steps * world
+        if self.G is None:
+            self.G = g
+        elif g != self.G:
+            raise ValueError(f"global batch {g} (micro_batch_size {t.micro_batch_size} x grad_accum_steps "
+                             f"{t.grad_accum_steps} x world {world}) differs from this plan's {self.G}")
+        return self.G
+
+    def round(self, c: int) -> Round:
+        with self._lock:
+            r = self._rounds.get(c)
+            if r is None:
+                k = max(i for i in self._bounds if i <= c)
+                while k < c:             # walk from the last known boundary
+                    self._build(k)
+                    k += 1
+                r = self._build(c)
+            return r
+
+    def _build(self, c: int) -> Round:
+        if c in self._rounds:
+            return self._rounds[c]
+        start, cursors = self._bounds[c]
+        progress = self._progress(start)
+        seed = self.recipe.train.seed
+        samples, q = self.mix.draw(cursors, progress)
+        order = samples[rng(seed, TAG_ROUND, c).permutation(len(samples))]
+        ol = order.tolist()
+        packs = [[ol[i] for i in p] for p in self._pack(order)]
+        packs = [packs[i] for i in rng(seed, TAG_PACKS, c).permutation(len(packs)).tolist()]
+        d = self.recipe.data
+        costs = balance.pack_costs(self.lengths, self.tiles, packs,
+                                   attention_length=d.attention_cost_length, tile_cost=d.tile_cost)
+        r = Round(c, start, packs, costs, self.mix.tau(progress), q)
+        self._bounds[c + 1] = (start + len(packs), cursors + q)
+        self._rounds[c] = r
+        while len(self._rounds) > ROUNDS_KEPT:
+            self._rounds.pop(min(self._rounds))
+        return r
+
+    def _progress(self, start: int) -> float:
+        """Training progress at global pack ``start`` (what a tau schedule needs)."""
+        if start == 0 or self.recipe.data.temperature_schedule == "constant":
+            return 0.0       # tau does not depend on it
+        if self.G is None:
+            raise ValueError("a tau schedule needs the global batch: pass global_batch to PackPlan "
+                             "or call step/rank_step (which set it) first")
+        return start / (self.recipe.train.max_steps * self.G)
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        """Packs as positions into ``order``."""
         cfg = self.recipe.data.packing
-        s = self.catalog.samples
-        lengths = [s[i].length for i in order]
         if not cfg.enabled:
             return [[i] for i in range(len(order))]
         from . import packing
 
-        tiles = [s[i].tiles for i in order]
         return list(packing.pack(
-            lengths, tiles, packing.Limits(cfg.max_packed_tokens, cfg.num_images_expected),
+            self.lengths[order], None if self.tiles is None else self.tiles[order],
+            packing.Limits(cfg.max_packed_tokens, cfg.num_images_expected),
             strategy=cfg.strategy, window=cfg.window, max_open=cfg.max_buffer_size,
             min_active_tokens_ratio=cfg.min_active_tokens_ratio,
             allow_overflow=cfg.allow_overflow, strict_mode=cfg.strict_mode))
 
-    def packs(self, start: int, count: int) -> list[list[int]]:
-        """Global packs [start, start+count), crossing epoch boundaries."""
-        out, e, base, j = [], 0, 0, start
-        while len(out) < count:
-            ep = self.epoch(e)
-            if j < base + len(ep):
-                out.append(ep[j - base])
-                j += 1
-            else:
-                base, e = base + len(ep), e + 1
-        return out
+    def epoch(self, e: int) -> list[list[int]]:
+        """The packs of round e (an epoch under the default mixture and round size)."""
+        return self.round(e).packs
 
-    def step(self, k: int, world: int) -> list[list[int]]:
+    def locate(self, j: int) -> int:
+        """The round that holds global pack j."""
+        with self._lock:
+            c = max(i for i, (s, _) in self._bounds.items() if s <= j)
+            while True:
+                r = self.round(c)
+                if j < r.start + len(r.packs):
+                    return c
+                c += 1
+
+    def _span(self, start: int, count: int) -> tuple[list[list[int]], np.ndarray]:
+        packs, costs, j = [], [], start
+        with self._lock:
+            while j < start + count:
+                r = self.round(self.locate(j))
+                a, b = j - r.start, min(start + count, r.start + len(r.packs)) - r.start
+                packs += r.packs[a:b]
+                costs.append(r.costs[a:b])
+                j += b - a
+        return packs, np.concatenate(costs) if costs else np.zeros(0)
+
+    def packs(self, start: int, count: int) -> list[list[int]]:
+        """Global packs [start, start+count), crossing round boundaries."""
+        return self._span(start, count)[0]
+
+    def step(self, k: int, world: int | None = None) -> list[list[int]]:
+        """The G packs of optimizer step k (the same whatever the split of G)."""
+        G = self.global_batch(world)
+        return self.packs(k * G, G)
+
+    def rank_step(self, k: int, rank: int, world: int) -> list[list[list[int]]]:
+        """This rank's grad_accum_steps micro-batches of step k, each a list of
+        micro_batch_size packs, dealt by ``data.rank_balance``."""
         t = self.recipe.train
-        return self.packs(k * t.micro_batch_size * t.grad_accum_steps * world,
-                          t.micro_batch_size * t.grad_accum_steps * world)
+        G = self.global_batch(world)
+        with self._lock:
+            if self._dealt is None or self._dealt[0] != (k, world):
+                packs, costs = self._span(k * G, G)
+                if self.recipe.data.rank_balance == "compute":
+                    a = balance.assign(costs, world, t.micro_batch_size, t.grad_accum_steps)
+                else:
+                    a = balance.round_robin(G, world, t.micro_batch_size)
+                self._dealt = ((k, world), packs, a)
+            _, packs, a = self._dealt
+        return [[packs[j] for j in mb] for mb in a[rank]]
+
+    # ------------------------------------------------------------------ resumable state
+
+    def state_dict(self, step: int) -> dict:
+        """Where the plan stands at the start of optimizer step ``step`` (a few integers)."""
+        G = self.global_batch()
+        with self._lock:
+            c = self.locate(step * G)
+            start, cursors = self._bounds[c]
+        return {"step": int(step), "global_batch": int(G), "round": int(c), "round_start": int(start),
+                "cursors": [int(x) for x in cursors], "samples": len(self.lengths)}
+
+    def load_state_dict(self, state: dict) -> int:
+        """Continue from a saved state (any world size with the same global batch); returns
+        its step. A state holding only ``step`` is found by walking the rounds from 0."""
+        if "round" not in state:
+            return int(state["step"])
+        if state["samples"] != len(self.lengths) or len(state["cursors"]) != len(self.catalog.datasets):
+            raise ValueError(f"the data changed since this state was saved: {state['samples']} samples in "
+                             f"{len(state['cursors'])} datasets then, {len(self.lengths)} in "
+                             f"{len(self.catalog.datasets)} now")
+        if self.G is None:
+            self.G = int(state["global_batch"])
+        elif self.G != state["global_batch"]:
+            raise ValueError(f"the state was saved with global batch {state['global_batch']}, this plan "
+                             f"has {self.G}: keep micro_batch_size x grad_accum_steps x world the same")
+        with self._lock:
+            c = int(state["round"])
+            self._bounds[c] = (int(state["round_start"]), np.asarray(state["cursors"], dtype=np.int64))
+            self._rounds = {i: r for i, r in self._rounds.items() if i < c}
+            self._bounds = {i: b for i, b in self._bounds.items() if i <= c}
+        return int(state["step"])
 
 
 def deal(step_packs: list[list[int]], rank: int, world: int, micro_batch_size: int) -> list[list[list[int]]]:
@@ -84,11 +237,21 @@ def deal(step_packs: list[list[int]], rank: int, world: int, micro_batch_size: i
 
 
 class Materializer:
-    """Encodes samples (decodes images) and lays packs out as training tensors."""
+    """Encodes samples (decodes images) and lays packs out as training tensors.
+
+    A sample that fails here (e.g. an image whose header reads but whose data is truncated) is
+    counted in ``catalog.dropped`` and in the micro-batch's ``num_bad``; ``bad_log`` lists the
+    last ``micro_batch`` call's as (reason, "file:line", detail), for a worker to report them
+    to the main process."""
 
     def __init__(self, recipe: Recipe, catalog: Catalog, processor):
         self.recipe, self.catalog, self.processor = recipe, catalog, processor
         self.image_ids = set(chat._special_image_ids(processor))
+        self.bad_log: list[tuple[str, str, str]] = []
+
+    def _bad(self, reason: str, where: str, detail: str) -> None:
+        self.catalog.drop(reason, where, detail)
+        self.bad_log.append((reason, where, detail))
 
     def sample(self, ref: SampleRef) -> chat.Encoded | None:
         rec = self.catalog.records[ref.record]
@@ -96,24 +259,26 @@ class Materializer:
             enc = chat.encode(self.processor, segments(self.processor, self.catalog, rec),
                               max_tiles(self.recipe, self.catalog, rec))
         except (chat.BadSample, ImageProblem) as exc:  # e.g. a header that decodes badly
-            self.catalog.drop(exc.reason, rec.where, exc.detail)
+            self._bad(exc.reason, rec.where, exc.detail)
             return None
         if len(enc.input_ids) > ref.length:
             enc = chat.truncate(enc, ref.length, self.image_ids)
             if enc is None:
-                self.catalog.drop("too_long", rec.where, "no text boundary to truncate at")
+                self._bad("too_long", rec.where, "no text boundary to truncate at")
         return enc
 
     def micro_batch(self, packs: list[list[int]]) -> dict:
         """Packs laid end to end in one row. Labels are shifted here, per sample: labels[t] is
         the target of the prediction at t, and the last token of a sample has none."""
         ids, pos, sid, lab, lw, pix = [], [], [], [], [], []
-        n = 0
+        n = bad = 0
+        self.bad_log = []
         for pack in packs:
             for i in pack:
                 ref = self.catalog.samples[i]
                 enc = self.sample(ref)
                 if enc is None:
+                    bad += 1
                     continue
                 L = len(enc.input_ids)
                 ids += enc.input_ids
@@ -129,4 +294,4 @@ class Materializer:
         t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)[None]  # noqa: E731
         return {"input_ids": t(ids), "position_ids": t(pos), "sample_ids": t(sid), "labels": t(lab),
                 "loss_weight": t(lw, torch.float32),
-                "pixel_values": torch.cat(pix) if pix else None, "num_samples": n}
+                "pixel_values": torch.cat(pix) if pix else None, "num_samples": n, "num_bad": bad}

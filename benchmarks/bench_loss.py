@@ -1,0 +1,257 @@
+"""What exact loss normalization costs per optimizer step, against a plain per-micro-batch mean.
+
+    .venv/bin/python benchmarks/bench_loss.py                       # 1 process
+    .venv/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_loss.py   # 2 gloo ranks
+    ... bench_loss.py --steps 30 --json [key=value recipe overrides]
+
+The demo recipe (recipes/demo.yaml: tiny InternVL, 256-token packs, loss.reduction square,
+ZeRO-2, fp32), built exactly as ``vlmft train`` builds it; the micro-batches of the first
+``--steps`` optimizer steps are materialized up front, so data loading is not timed. Then, on the
+same engine, steps alternate between two loss paths (A, B, A, B, ...):
+
+  normalized  vlmft.train.train_step: per-token weights w(n_s) d(s), the step's global weight sum
+              (one all-reduce of 4 numbers per step, before the first backward), each micro-batch
+              backpropagates S_mb / W * world with scale_wrt_gas=False.
+  plain mean  the same forward (chunked fp32 CE, loss.reduction token, no dataset weights), each
+              micro-batch's loss divided by its own supervised-token count, engine.backward(loss)
+              with DeepSpeed's own 1/grad_accum_steps; no all-reduce of ours.
+
+Reported: median step time of each path and the median of the paired per-step differences, in
+wall time and in this process's CPU time (which a shared machine's other load does not inflate;
+noisy all the same: the forward and backward dominate), and the normalization's own work timed directly, repeated: the weights of every
+micro-batch (token_weights, as local_weight_sum and micro_batch_sum compute them), the counts
+tensor and its all-reduce, and the S / W * world scaling. Collectives issued from vlmft code
+(torch.distributed calls whose caller is a vlmft module) are counted per step, against
+DeepSpeed's own (its gradient reductions, which both paths share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)  # the demo recipe names paths relative to the repository root
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from vlmft import engine as ds  # noqa: E402
+from vlmft import loss as lossmod  # noqa: E402
+from vlmft import optim, schedule  # noqa: E402
+from vlmft.data.catalog import build_catalog  # noqa: E402
+from vlmft.data.stream import Materializer, PackPlan, deal  # noqa: E402
+from vlmft.model import load_model, load_processor  # noqa: E402
+from vlmft.recipe import load  # noqa: E402
+from vlmft.train import BATCH_KEYS, LossModule, train_step  # noqa: E402
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "reduce_scatter", "broadcast", "reduce", "barrier", "all_to_all_single")
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives by caller: a vlmft module, or anything else."""
+
+    def __init__(self):
+        self.counts = {"vlmft": 0, "other": 0}
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                setattr(dist, name, self._wrap(fn))
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            self.counts["vlmft" if caller.startswith("vlmft") else "other"] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def take(self) -> dict:
+        out, self.counts = self.counts, {"vlmft": 0, "other": 0}
+        return out
+
+
+def plain_mean_step(eng, module, batches):
+    """The baseline: a per-micro-batch token mean, DeepSpeed's own scaling, nothing global."""
+    dev = eng.device
+    reduction, module.reduction = module.reduction, "token"
+    try:
+        for b in batches:
+            inputs = {k: (b[k].to(dev) if b[k] is not None else None) for k in BATCH_KEYS}
+            inputs["loss_weight"] = None
+            n = max(1, int((b["labels"] != lossmod.IGNORE_INDEX).sum()))
+            s = eng(**inputs)
+            eng.backward(s / n)
+            eng.step()
+    finally:
+        module.reduction = reduction
+
+
+def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
+    """Seconds of the normalization's own work for one step, as train_step does it, as (local,
+    all-reduces). Local: the weights for the global sum, the counts tensor, the weights again
+    inside each micro-batch's loss (micro_batch_sum) and the S / W * world scaling. All-reduces:
+    the counts (before the first backward) and the step's loss sum for the logged L (after the
+    last backward); with several ranks their time includes waiting for the slower rank."""
+    red = recipe.loss.reduction
+    t = time.perf_counter()
+    counts = torch.tensor([
+        float(lossmod.local_weight_sum(batches, red)),
+        sum(b["input_ids"].numel() for b in batches),
+        sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
+        sum(b["num_samples"] for b in batches)], dtype=torch.float64, device=dev)
+    t_local = time.perf_counter() - t
+    t = time.perf_counter()
+    counts = ds.all_reduce_sum(counts)
+    t_comm = time.perf_counter() - t
+    t = time.perf_counter()
+    W = counts[0].float()
+    s_sum = torch.zeros((), device=dev)
+    for b in batches:
+        w = lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), red)
+        s = lossmod.scaled_loss(w.sum(), W, world)
+        s_sum += s.detach()
+    t_local += time.perf_counter() - t
+    t = time.perf_counter()
+    ds.all_reduce_sum(s_sum) / W  # the logged loss: the second (and last) all-reduce of the step
+    t_comm += time.perf_counter() - t
+    return t_local, t_comm
+
+
+def mask_work(batches) -> float:
+    """What the plain mean needs instead: the supervised mask of each micro-batch and its count."""
+    t = time.perf_counter()
+    for b in batches:
+        m = (b["labels"] != lossmod.IGNORE_INDEX).float()
+        int(m.sum())
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per path")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per path first")
+    ap.add_argument("--repeat", type=int, default=20, help="repeats of the direct timing")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    rank, world = ds.init_distributed()
+    recipe = load(ROOT / "recipes" / "demo.yaml", ["output_dir=/tmp/vlmft-bench-loss", *args.overrides])
+    torch.manual_seed(recipe.train.seed)
+    processor = load_processor(recipe.model)
+    model = load_model(recipe.model, "fp32")
+    catalog = build_catalog(recipe, processor)
+    plan = PackPlan(recipe, catalog)
+    mat = Materializer(recipe, catalog, processor)
+    optimizer, _ = optim.build_optimizer(model, recipe.optim)
+    sched = schedule.scheduler(optimizer, recipe.schedule, 10**6)
+    module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size, vision_every_step=world > 1)
+    eng = ds.initialize(module, optimizer, sched, recipe, world)
+
+    n_steps = args.warmup + args.steps
+    steps = [[mat.micro_batch(p) for p in deal(plan.step(k, world), rank, world,
+                                                recipe.train.micro_batch_size)]
+             for k in range(n_steps)]
+    counter = CollectiveCounter()
+    times = {"normalized": [], "plain_mean": []}
+    cpu = {"normalized": [], "plain_mean": []}
+    colls = {"normalized": [], "plain_mean": []}
+    for k, batches in enumerate(steps):
+        # both paths on the same micro-batches, in alternating order
+        for path in (("normalized", "plain_mean") if k % 2 == 0 else ("plain_mean", "normalized")):
+            if dist.is_initialized():
+                dist.barrier()
+            counter.take()
+            t, c0 = time.perf_counter(), time.process_time()
+            if path == "normalized":
+                train_step(eng, batches, recipe, world)
+            else:
+                plain_mean_step(eng, module, batches)
+            dt, dc = time.perf_counter() - t, time.process_time() - c0
+            c = counter.take()
+            if k >= args.warmup:
+                times[path].append(dt)
+                cpu[path].append(dc)
+                colls[path].append(c)
+
+    dev = eng.device
+    work, local, comm, base = [], [], [], []
+    for _ in range(args.repeat):
+        for batches in steps[args.warmup:]:
+            a, b = normalization_work(batches, recipe, world, dev)
+            local.append(a)
+            comm.append(b)
+            work.append(a + b)
+            base.append(mask_work(batches))
+    counter.take()
+    normalization_work(steps[0], recipe, world, dev)
+    direct_colls = counter.take()
+
+    med = {p: statistics.median(v) for p, v in times.items()}
+    diffs = sorted(a - b for a, b in zip(times["normalized"], times["plain_mean"]))
+    paired = statistics.median(diffs)
+    q1, q3 = (diffs[len(diffs) // 4], diffs[(3 * len(diffs)) // 4])
+    cdiffs = sorted(a - b for a, b in zip(cpu["normalized"], cpu["plain_mean"]))
+    cpu_med = {p: statistics.median(v) for p, v in cpu.items()}
+    micro = len(steps[0])
+    res = {
+        "world": world, "grad_accum_steps": recipe.train.grad_accum_steps, "micro_batches_per_rank": micro,
+        "reduction": recipe.loss.reduction, "zero_stage": recipe.engine.zero_stage,
+        "tokens_per_rank_step": statistics.mean(sum(b["input_ids"].numel() for b in s) for s in steps),
+        "steps_timed_per_path": args.steps,
+        "step_ms": {p: 1e3 * v for p, v in med.items()},
+        "step_diff_ms": 1e3 * paired,
+        "step_diff_pct": 100 * paired / med["plain_mean"],
+        "step_diff_quartiles_ms": [1e3 * q1, 1e3 * q3],
+        "cpu_step_ms": {p: 1e3 * v for p, v in cpu_med.items()},
+        "cpu_diff_ms": 1e3 * statistics.median(cdiffs),
+        "cpu_diff_pct": 100 * statistics.median(cdiffs) / cpu_med["plain_mean"],
+        "cpu_diff_quartiles_ms": [1e3 * cdiffs[len(cdiffs) // 4], 1e3 * cdiffs[(3 * len(cdiffs)) // 4]],
+        "normalization_ms": 1e3 * statistics.median(work),
+        "normalization_local_ms": 1e3 * statistics.median(local),
+        "normalization_allreduce_ms": 1e3 * statistics.median(comm),
+        "plain_mask_ms": 1e3 * statistics.median(base),
+        "normalization_pct_of_step": 100 * (statistics.median(work) - statistics.median(base)) / med["normalized"],
+        "vlmft_collectives_per_step": {p: statistics.mean(c["vlmft"] for c in v) for p, v in colls.items()},
+        "deepspeed_collectives_per_step": {p: statistics.mean(c["other"] for c in v) for p, v in colls.items()},
+        "vlmft_collectives_in_normalization": direct_colls["vlmft"],
+    }
+    if rank == 0:
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(f"world {world}, {micro} micro-batch(es)/rank/step, {res['tokens_per_rank_step']:.0f} tokens/rank/step, "
+                  f"reduction {res['reduction']}, ZeRO-{res['zero_stage']}, {args.steps} steps per path")
+            print(f"step time (median): normalized {res['step_ms']['normalized']:.1f} ms, plain mean "
+                  f"{res['step_ms']['plain_mean']:.1f} ms, paired difference {res['step_diff_ms']:+.1f} ms "
+                  f"({res['step_diff_pct']:+.1f}%; quartiles {q1 * 1e3:+.1f} .. {q3 * 1e3:+.1f} ms)")
+            print(f"process CPU time per step (median): normalized {res['cpu_step_ms']['normalized']:.1f} ms, "
+                  f"plain mean {res['cpu_step_ms']['plain_mean']:.1f} ms, paired difference "
+                  f"{res['cpu_diff_ms']:+.1f} ms ({res['cpu_diff_pct']:+.1f}%; quartiles "
+                  f"{res['cpu_diff_quartiles_ms'][0]:+.1f} .. {res['cpu_diff_quartiles_ms'][1]:+.1f} ms)")
+            print(f"normalization work per step (direct, median of {args.repeat}x{args.steps}): "
+                  f"{res['normalization_ms']:.3f} ms (local {res['normalization_local_ms']:.3f}, all-reduces "
+                  f"{res['normalization_allreduce_ms']:.3f}; plain mean's mask/count: {res['plain_mask_ms']:.3f} ms) "
+                  f"= {res['normalization_pct_of_step']:.2f}% of the step")
+            print(f"collectives per step from vlmft code: normalized {res['vlmft_collectives_per_step']['normalized']:g} "
+                  f"(direct: {res['vlmft_collectives_in_normalization']}), "
+                  f"plain mean {res['vlmft_collectives_per_step']['plain_mean']:g}; DeepSpeed's own: "
+                  f"{res['deepspeed_collectives_per_step']['normalized']:g} / "
+                  f"{res['deepspeed_collectives_per_step']['plain_mean']:g}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

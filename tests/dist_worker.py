@@ -1,0 +1,517 @@
+"""Worker for the multi-process DeepSpeed tests: many configurations in one torchrun launch.
+
+    torchrun --standalone --nproc_per_node N tests/dist_worker.py TASK[,TASK...] OUT_DIR
+
+A launch costs ~8 s (imports, rendezvous); a fresh DeepSpeed engine on the tiny demo model costs
+a fraction of a second, so each task loops over its configurations, building a fresh engine for
+each, and rank 0 writes OUT_DIR/results.json, one object per task, that the tests compare
+(tests/test_distributed_grad.py, tests/test_optim_deepspeed.py). Tasks:
+
+``e2e`` (issue 5, end to end; run first, while the process is fresh): ``vlmft train
+recipes/demo.yaml`` (the Typer command, in this process) for three optimizer steps with
+grad_accum_steps = 4 / world, so 1 rank x 4 and 2 ranks x 2 see the same global batch; fp32,
+optim.eps=1.0 (the update is nearly linear in the gradient), weight decay 0. The final folder
+and metrics.jsonl land in OUT_DIR/e2e; the test compares the two launches.
+
+``grad`` (issue 5): for every reduction x ZeRO stage 1, 2, 3 x accumulation (1 and 3 with one
+rank, 1 and 2 with two), one optimizer step through :func:`vlmft.train.train_step` (LossModule,
+loss.scaled_loss, engine.backward(..., scale_wrt_gas=False)) on the same ten samples, split into
+micro-batches of deliberately uneven token, sample and image counts (one micro-batch has no
+supervised token, some are text-only). The optimizer is vlmft's AdamW with eps = 1e8 and
+lr = 1e14 on its first step: update = -lr/eps * g / (1 + |g|/eps) = -1e6 g to ~1e-8 relative, on
+every stage, so the parameter update read back from DeepSpeed's fp32 partitions gives the gradient
+DeepSpeed stepped with (after its rank averaging, and after clipping when clipping is on). Rank 0
+compares it with the gradient of L from plain torch in this process (no DeepSpeed, every sample
+run alone, unpacked, weights computed here from the definition). Clipping: ZeRO 1, 2, 3 with
+``engine.gradient_clipping`` at 0.3 x the true global norm: the update must be the reference
+gradient clipped on its global norm (factor max_norm / (norm + 1e-6), the rule of torch's
+clip_grad_norm_ and of DeepSpeed). ZeRO-3 asked for through the raw ``engine.deepspeed`` block
+(recipe stage 2) must work as well. Empty steps: a step with no supervised token on any rank
+(masked labels, or supervised tokens of loss_weight 0) is skipped and counted, leaves the
+parameters bit-identical and the next step on the same engine still matches its reference.
+
+``optim`` (issue 6): after deepspeed.initialize with ZeRO 1, 2 and 3, the optimizer's groups
+(vlmft.optim.describe_groups + DeepSpeed's own group membership) against ``lr_table`` (built on
+the meta device from the config, as the CLI does) at step 0 and after one step; then every freeze
+flag, one engine each: requires_grad against the expected names, and one real training step:
+frozen weights bit-identical, every other weight changed.
+
+Results are plain numbers; the tests hold the thresholds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from vlmft import engine as ds  # noqa: E402
+from vlmft import optim, schedule  # noqa: E402
+from vlmft.data.catalog import build_catalog  # noqa: E402
+from vlmft.data.stream import Materializer  # noqa: E402
+from vlmft.model import load_model, load_processor  # noqa: E402
+from vlmft.recipe import load  # noqa: E402
+from vlmft.train import LossModule, train_step  # noqa: E402
+
+DEMO = ROOT / "recipes" / "demo.yaml"
+REDUCTIONS = ("token", "sample", "square")
+STAGES = (1, 2, 3)
+LR, EPS = 1.0e14, 1.0e8
+K = LR / EPS  # the first AdamW update is -K * g
+X = -100
+
+
+def _no_muon_import() -> None:
+    """DeepSpeed imports its Muon module (and with it torch's inductor, ~3 s) lazily inside the
+    first optimizer step of every ZeRO stage; vlmft never uses Muon."""
+    name = "deepspeed.runtime.zero.muon.original_muon"
+    if name not in sys.modules:
+        stub = types.ModuleType(name)
+
+        def unused(*_a, **_k):
+            raise RuntimeError("Muon is not used by vlmft")
+
+        stub.muon_update = stub.adam_update = unused
+        stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+        sys.modules[name] = stub
+
+
+# ------------------------------------------------------------------------------------------
+# Samples and micro-batches
+
+
+class Samples:
+    """Demo samples encoded once; micro-batches are built from them by hand."""
+
+    def __init__(self, recipe, processor, n_records: int = 30):
+        cat = build_catalog(recipe, processor, limit=n_records)
+        self.cat = cat
+        self.mat = Materializer(recipe, cat, processor)
+        self.one = [self.mat.micro_batch([[i]]) for i in range(len(cat.samples))]
+
+    def info(self, i: int) -> dict:
+        s = self.cat.samples[i]
+        return {"index": i, "tokens": s.length, "tiles": s.tiles, "n_supervised": s.n_supervised}
+
+
+def pack(parts: list[dict]) -> dict:
+    """Samples (each a one-sample micro-batch dict, possibly with its own loss_weight and labels)
+    laid end to end in one row, as the Materializer does: position ids restart, sample ids count."""
+    keys = ("input_ids", "position_ids", "labels", "loss_weight")
+    row = {k: torch.cat([p[k] for p in parts], dim=1) for k in keys}
+    row["sample_ids"] = torch.cat([torch.full_like(p["sample_ids"], j) for j, p in enumerate(parts)], dim=1)
+    pix = [p["pixel_values"] for p in parts if p["pixel_values"] is not None]
+    row["pixel_values"] = torch.cat(pix) if pix else None
+    row["num_samples"] = len(parts)
+    return row
+
+
+def variant(one: dict, d: float = 1.0, masked: bool = False) -> dict:
+    """A sample with dataset weight d(s) = d, or with every label masked (-100)."""
+    out = dict(one)
+    out["loss_weight"] = torch.full_like(one["loss_weight"], d)
+    if masked:
+        out["labels"] = torch.full_like(one["labels"], X)
+    return out
+
+
+# The step's ten samples (catalog index, d(s), masked): images with 1 and 2 pictures and text-only
+# ones, 4 to 12 supervised tokens, d(s) in {0.5, 1, 2}, one fully masked. Demo catalog (first 30
+# records): 0 img 45 tok 6 sup; 2 img 92/8; 3 two imgs 73/4; 4 text 31/7; 8 img 93/9; 10 text 33/9;
+# 13 img 38/7; 22 text 36/12; 26 img 77/9; 28 text 35/11.
+STEP_SAMPLES = [(0, 1.0, False), (3, 2.0, False), (4, 1.0, False), (22, 0.5, False),
+                (8, 1.0, False), (10, 1.0, True), (13, 1.0, False), (28, 2.0, False),
+                (2, 1.0, False), (26, 0.5, False)]
+# How the ten are split into micro-batches for (world, accumulation): rank r takes rows
+# [r*acc, (r+1)*acc). Every split is uneven in tokens, samples and images; in (2, 2) rank 0's
+# second micro-batch is the masked text-only sample alone (no supervised token) and rank 1 has a
+# text-only micro-batch (the blank-tile path) while rank 0 has images.
+SPLITS = {
+    (1, 1): [list(range(10))],
+    (1, 3): [[0, 1, 4, 6, 8, 9], [2], [3, 5, 7]],  # the last two text-only
+    (2, 1): [[0, 1], [2, 3, 4, 5, 6, 7, 8, 9]],
+    (2, 2): [[0, 1, 4, 6, 8, 9], [5], [3, 7], [2]],  # rank 1: two text-only micro-batches
+}
+
+
+def step_parts(samples: Samples, spec=STEP_SAMPLES) -> list[dict]:
+    return [variant(samples.one[i], d, m) for i, d, m in spec]
+
+
+def rank_batches(parts: list[dict], world: int, acc: int, rank: int) -> list[dict]:
+    rows = SPLITS[(world, acc)]
+    return [pack([parts[j] for j in row]) for row in rows[rank * acc:(rank + 1) * acc]]
+
+
+# ------------------------------------------------------------------------------------------
+# The reference: plain torch, every sample alone, weights from the definition
+
+
+def reference_grad(model, parts: list[dict], reduction: str) -> tuple[float, dict]:
+    """L and dL/dtheta in one process without DeepSpeed, each sample run unpacked.
+
+    L = sum_s d(s) w(n_s) sum_t l_t / sum_s d(s) w(n_s) n_s, n_s = supervised tokens of s."""
+    model.zero_grad(set_to_none=True)
+    num = torch.zeros((), dtype=torch.float64)
+    den = 0.0
+    for p in parts:
+        labels = p["labels"][0]
+        sup = labels != X
+        n = int(sup.sum())
+        if n == 0:
+            continue
+        d = float(p["loss_weight"][0, 0])
+        w = d * {"token": 1.0, "sample": 1.0 / n, "square": 1.0 / math.sqrt(n)}[reduction]
+        pix = p["pixel_values"]
+        logits = model(input_ids=p["input_ids"], position_ids=p["position_ids"],
+                       pixel_values=pix, use_cache=False).logits[0].float()
+        ce = F.cross_entropy(logits[sup], labels[sup], reduction="sum")
+        num = num + w * ce.double()
+        den += w * n
+    loss = num / den
+    loss.backward()
+    grads = {n: (q.grad.detach().clone() if q.grad is not None else torch.zeros_like(q))
+             for n, q in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+# ------------------------------------------------------------------------------------------
+# Engines
+
+
+def recipe_for(stage: int, acc: int, reduction: str = "square", clip: float = 0.0, extra=()):
+    return load(DEMO, [f"engine.zero_stage={stage}", "engine.precision=fp32",
+                       f"train.grad_accum_steps={acc}", "train.micro_batch_size=1",
+                       "train.max_steps=10", f"loss.reduction={reduction}", "loss.chunk_size=8",
+                       f"engine.gradient_clipping={clip}", f"optim.lr={LR}", f"optim.eps={EPS}",
+                       "optim.weight_decay=0.0", "schedule.name=constant", "schedule.warmup_steps=0",
+                       "output_dir=unused", *extra])
+
+
+def build(base_model, recipe, world: int):
+    """A fresh engine on a copy of ``base_model``, exactly as vlmft.train.train builds one."""
+    model = copy.deepcopy(base_model)
+    optimizer, rows = optim.build_optimizer(model, recipe.optim)
+    sched = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
+    module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
+                        vision_every_step=world > 1)
+    eng = ds.initialize(module, optimizer, sched, recipe, world)
+    return eng, model, rows
+
+
+def full_params(eng, model) -> dict:
+    """Every parameter in full (fp32), on every rank; collectives under ZeRO-3."""
+    params = list(model.named_parameters())
+    if eng.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone().float() for n, p in params}
+    return {n: p.detach().clone().float() for n, p in params}
+
+
+def compare(got: dict, ref: dict) -> dict:
+    """Relative errors: over all parameters together and the worst tensor (tensors whose
+    reference norm is below 1e-6 of the global norm are judged against the global norm)."""
+    diff2 = sum(float((got[n].double() - ref[n].double()).norm() ** 2) for n in ref)
+    ref2 = sum(float(ref[n].double().norm() ** 2) for n in ref)
+    gnorm = math.sqrt(ref2)
+    worst, worst_name = 0.0, None
+    for n in ref:
+        r = float(ref[n].double().norm())
+        e = float((got[n].double() - ref[n].double()).norm()) / max(r, 1e-6 * gnorm)
+        if e > worst:
+            worst, worst_name = e, n
+    return {"rel_global": math.sqrt(diff2) / gnorm, "rel_worst_tensor": worst,
+            "worst_tensor": worst_name, "ref_norm": gnorm}
+
+
+# ------------------------------------------------------------------------------------------
+# Task: grad (issue 5)
+
+
+def task_grad(rank: int, world: int) -> dict:
+    recipe0 = recipe_for(1, 1)
+    processor = load_processor(recipe0.model)
+    samples = Samples(recipe0, processor)
+    base = load_model(recipe0.model, "fp32")
+    parts = step_parts(samples)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+
+    refs = {}
+    if rank == 0:
+        ref_model = copy.deepcopy(base)
+        for red in REDUCTIONS:
+            refs[red] = reference_grad(ref_model, parts, red)
+    out = {"world": world, "samples": [dict(samples.info(i), d=d, masked=m)
+                                       for i, d, m in STEP_SAMPLES],
+           "splits": {f"{w}x{a}": v for (w, a), v in SPLITS.items()},
+           "cases": [], "clip": [], "empty": [], "timing": {}}
+    t0 = time.perf_counter()
+    accs = [a for (w, a) in SPLITS if w == world]
+    for stage in STAGES:
+        for acc in accs:
+            for red in REDUCTIONS:
+                t = time.perf_counter()
+                recipe = recipe_for(stage, acc, red)
+                eng, model, _ = build(base, recipe, world)
+                batches = rank_batches(parts, world, acc, rank)
+                r = train_step(eng, batches, recipe, world)
+                after = full_params(eng, model)
+                case = {"stage": stage, "world": world, "acc": acc, "reduction": red,
+                        "loss": r.loss, "skipped": r.skipped, "seconds": time.perf_counter() - t,
+                        "rank_tokens": _gather([sum(b["input_ids"].numel() for b in batches)]),
+                        "rank_supervised": _gather([sum(int((b["labels"] != X).sum()) for b in batches)]),
+                        "rank_samples": _gather([sum(b["num_samples"] for b in batches)])}
+                if rank == 0:
+                    ref_loss, ref = refs[red]
+                    got = {n: (before[n] - after[n]) / K for n in before}
+                    case.update(compare(got, ref), ref_loss=ref_loss)
+                out["cases"].append(case)
+                del eng
+    out["timing"]["cases_s"] = time.perf_counter() - t0
+
+    # Clipping: the update must be the reference gradient clipped on its true global norm.
+    if world == 2:
+        for stage in STAGES:
+            red, acc = "square", 2
+            ref_loss, ref = refs.get(red, (None, None)) if rank == 0 else (None, None)
+            norm = _bcast(math.sqrt(sum(float(g.double().norm() ** 2) for g in ref.values()))
+                          if rank == 0 else 0.0)
+            clip = 0.3 * norm
+            recipe = recipe_for(stage, acc, red, clip=clip)
+            eng, model, _ = build(base, recipe, world)
+            r = train_step(eng, rank_batches(parts, world, acc, rank), recipe, world)
+            after = full_params(eng, model)
+            case = {"stage": stage, "world": world, "acc": acc, "reduction": red,
+                    "clip": clip, "true_norm": norm, "loss": r.loss}
+            if rank == 0:
+                # torch.nn.utils.clip_grad_norm_'s rule (and DeepSpeed's): g * max / (norm + 1e-6)
+                coef = min(1.0, clip / (norm + 1e-6))
+                clipped = {n: g * coef for n, g in ref.items()}
+                got = {n: (before[n] - after[n]) / K for n in before}
+                case.update(compare(got, clipped), ref_loss=ref_loss,
+                            update_norm=math.sqrt(sum(float(g.double().norm() ** 2) for g in got.values())))
+                # and the unclipped reference would be far off: clipping did act
+                case["rel_vs_unclipped"] = compare(got, ref)["rel_global"]
+            out["clip"].append(case)
+            del eng
+
+    # ZeRO-3 asked for through the raw DeepSpeed block (the recipe's engine.zero_stage says 2):
+    # train_step must still agree on lm_head calls over ranks (a gloo size mismatch before).
+    if world == 2:
+        red, acc = "square", 2
+        recipe = recipe_for(2, acc, red, extra=["engine.deepspeed.zero_optimization.stage=3"])
+        eng, model, _ = build(base, recipe, world)
+        r = train_step(eng, rank_batches(parts, world, acc, rank), recipe, world)
+        after = full_params(eng, model)
+        case = {"stage": eng.zero_optimization_stage(), "recipe_stage": recipe.engine.zero_stage,
+                "world": world, "acc": acc, "reduction": red, "loss": r.loss}
+        if rank == 0:
+            ref_loss, ref = refs[red]
+            got = {n: (before[n] - after[n]) / K for n in before}
+            case.update(compare(got, ref), ref_loss=ref_loss)
+        out["zero3_via_deepspeed_block"] = case
+        del eng
+
+    # Empty step: nothing supervised on any rank -> skipped, counted, no NaN, no update; then a
+    # real step on the same engine still matches its reference (its DeepSpeed state is intact).
+    for stage in STAGES:
+        red = "square"
+        acc = max(a for (w, a) in SPLITS if w == world)
+        recipe = recipe_for(stage, acc, red)
+        eng, model, _ = build(base, recipe, world)
+        # masked labels (with and without an image), and supervised tokens with d(s) = 0
+        empty = [pack([variant(samples.one[i], masked=True) for i in (0, 4)]),
+                 pack([variant(samples.one[10], masked=True)])][:acc - 1]
+        empty.append(pack([variant(samples.one[28], d=0.0)]))
+        r_empty = train_step(eng, empty, recipe, world)
+        mid = full_params(eng, model)
+        r = train_step(eng, rank_batches(parts, world, acc, rank), recipe, world)
+        after = full_params(eng, model)
+        case = {"stage": stage, "world": world, "acc": acc, "skipped": r_empty.skipped,
+                "loss": r_empty.loss, "supervised": r_empty.supervised,
+                "unchanged": all(torch.equal(mid[n], before[n]) for n in before),
+                "next_skipped": r.skipped, "next_loss": r.loss}
+        if rank == 0:
+            ref_loss, ref = refs[red]
+            got = {n: (mid[n] - after[n]) / K for n in before}
+            case.update(compare(got, ref), ref_loss=ref_loss)
+        out["empty"].append(case)
+        del eng
+    out["timing"]["total_s"] = time.perf_counter() - t0
+    return out
+
+
+def _gather(values: list) -> list:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t.tolist()
+    res = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(res, t)
+    return [x for r in res for x in r.tolist()]
+
+
+def _bcast(value: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, 0)
+    return float(t)
+
+
+# ------------------------------------------------------------------------------------------
+# Task: optim (issue 6)
+
+FREEZE_CASES = [  # (override, stage, names it must freeze)
+    ("optim.freeze.vision=true", 1, lambda n: n.startswith("model.vision_tower.")),
+    ("optim.freeze.projector=true", 2, lambda n: n.startswith("model.multi_modal_projector.")),
+    ("optim.freeze.language=true", 3, lambda n: n.startswith("model.language_model.")),
+    ("optim.freeze.lm_head=true", 1, lambda n: n.startswith("lm_head.")),
+    ("optim.freeze.vision_first_layers=1", 2,
+     lambda n: n.startswith(("model.vision_tower.embeddings.", "model.vision_tower.encoder.layer.0."))),
+    ("optim.freeze.vision_last_layers=1", 3, lambda n: n.startswith("model.vision_tower.encoder.layer.1.")),
+]
+
+
+def optim_recipe(stage: int, extra=()):
+    r = load(DEMO, [f"engine.zero_stage={stage}", "engine.precision=fp32", "train.grad_accum_steps=1",
+                    "train.max_steps=10", "schedule.warmup_steps=2", "optim.lr=1.0e-2",
+                    "optim.weight_decay=0.1", "optim.layer_decay.vision=0.8",
+                    "optim.layer_decay.language=0.9", "engine.gradient_clipping=0.0",
+                    "output_dir=unused", *extra])
+    r.optim.lr_multipliers = {"model.multi_modal_projector.*": 10.0, "*lambda_*": 0.5}
+    r.optim.no_decay = ["model.language_model.layers.0.mlp.*"]
+    return r
+
+
+def ds_groups(eng, model) -> list[dict]:
+    """Per optimizer group: name, lr, weight_decay (vlmft.optim.describe_groups) and the member
+    parameter names and numel, read from DeepSpeed's own bookkeeping."""
+    opt = eng.optimizer
+    desc = optim.describe_groups(opt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    members: list[list[str]] = [[] for _ in desc]
+    numel = [0 for _ in desc]
+    if eng.zero_optimization_stage() == 3:
+        for sub, params in enumerate(opt.fp16_groups):
+            g = opt.sub_group_to_group_id[sub]
+            members[g] += [names[id(p)] for p in params]
+            numel[g] += sum(p.ds_numel for p in params)
+    else:
+        for g, params in enumerate(opt.bit16_groups):
+            members[g] += [names[id(p)] for p in params]
+            numel[g] += sum(p.numel() for p in params)
+    return [dict(d, members=sorted(m), member_numel=k) for d, m, k in zip(desc, members, numel)]
+
+
+def table_groups(recipe, step: int) -> list[dict]:
+    from vlmft.lr_table import lr_table
+
+    t = lr_table(recipe, step=step, by="param")
+    return [dict(g, members=sorted(r["name"] for r in t["rows"] if r["group"] == g["group"]))
+            for g in t["groups"]]
+
+
+def task_optim(rank: int, world: int) -> dict:
+    recipe0 = optim_recipe(1)
+    processor = load_processor(recipe0.model)
+    samples = Samples(recipe0, processor)
+    base = load_model(recipe0.model, "fp32")
+    # one micro-batch per rank, images on both: every parameter gets a gradient
+    rows = {0: [0, 4, 3, 28], 1: [2, 22, 26]}
+    batch = pack([samples.one[i] for i in rows[rank % 2]])
+    out = {"world": world, "groups": [], "freeze": []}
+    t0 = time.perf_counter()
+    for stage in STAGES:
+        recipe = optim_recipe(stage)
+        eng, model, _ = build(base, recipe, world)
+        got0 = ds_groups(eng, model)
+        r = train_step(eng, [batch], recipe, world)
+        got1 = ds_groups(eng, model)
+        out["groups"].append({"stage": stage, "ds_step0": got0, "table_step0": table_groups(recipe, 0),
+                              "ds_step1": got1, "table_step1": table_groups(recipe, 1),
+                              "skipped": r.skipped})
+        del eng
+    for override, stage, expect in FREEZE_CASES:
+        recipe = optim_recipe(stage, [override])
+        eng, model, rows_ = build(base, recipe, world)
+        before = {n: p.detach().clone() for n, p in base.named_parameters()}
+        req = {n: p.requires_grad for n, p in model.named_parameters()}
+        r = train_step(eng, [batch], recipe, world)
+        after = full_params(eng, model)
+        names = list(before)
+        out["freeze"].append({
+            "override": override, "stage": stage, "skipped": r.skipped,
+            "expected_frozen": sorted(n for n in names if expect(n)),
+            "planned_frozen": sorted(row.name for row in rows_ if row.frozen),
+            "requires_grad_false": sorted(n for n in names if not req[n]),
+            "unchanged": sorted(n for n in names if torch.equal(before[n], after[n])),
+            "all": names})
+        del eng
+    out["timing"] = {"total_s": time.perf_counter() - t0}
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Task: e2e (issue 5, end to end)
+
+E2E_STEPS = 3
+E2E_GLOBAL_ACC = 4  # micro-batches per optimizer step over all ranks
+
+
+def task_e2e(rank: int, world: int, out: Path) -> dict:
+    from vlmft.cli import app
+
+    acc = E2E_GLOBAL_ACC // world
+    dest = out / "e2e"
+    t = time.perf_counter()
+    app(["train", str(DEMO), f"output_dir={dest}", f"train.max_steps={E2E_STEPS}",
+         f"train.grad_accum_steps={acc}", "train.micro_batch_size=1", "engine.precision=fp32",
+         "optim.eps=1.0", "optim.weight_decay=0.0", "checkpoint.every_steps=0"],
+        standalone_mode=False)
+    return {"world": world, "acc": acc, "output_dir": str(dest), "seconds": time.perf_counter() - t}
+
+
+TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim}
+
+
+def main(argv: list[str]) -> None:
+    tasks, out = argv[1].split(","), Path(argv[2]).resolve()
+    os.chdir(ROOT)  # recipes name paths relative to the repository root
+    out.mkdir(parents=True, exist_ok=True)
+    _no_muon_import()
+    t0 = time.perf_counter()
+    rank, world = ds.init_distributed()
+    results = {}
+    for task in tasks:
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        results[task] = TASKS[task](rank, world, out) if task == "e2e" else TASKS[task](rank, world)
+        results[task]["task_s"] = time.perf_counter() - t
+    results["wall_s"] = time.perf_counter() - t0
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

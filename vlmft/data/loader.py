@@ -1,0 +1,207 @@
+"""This rank's micro-batches, step by step, built in DataLoader workers; and the bad-data limit.
+
+The training loop's data lines (``client_state`` = what the checkpoint was saved with)::
+
+    loader = StepLoader(recipe, catalog, processor, rank, world, start_step=start)
+    if client_state and "data" in client_state:      # O(1) resume: no round is replayed
+        loader.load_state_dict(client_state["data"])
+    for step, batches, data_wait_s in loader:        # this rank's grad_accum_steps micro-batches
+        r = train_step(eng, batches, recipe, world)  # then, to checkpoint after this step:
+        ds.save(..., client_state={"step": step + 1, "data": loader.state_dict()})
+
+Each micro-batch is :meth:`Materializer.micro_batch`'s dict (input_ids, position_ids,
+sample_ids, labels, loss_weight, pixel_values, num_samples, num_bad). Every rank yields exactly
+``grad_accum_steps`` micro-batches per step whatever goes bad (an all-bad micro-batch is one
+pad token of weight 0), so ranks never disagree on the number of forward/backward calls.
+
+With ``data.num_workers = 0`` the micro-batches are built in this process when the step is
+asked for (``data_wait_s`` = the build time). With workers, each micro-batch is one task of a
+torch DataLoader with ``in_order=False`` and one task per worker at a time: a task goes to
+whichever worker is free, so no task ever queues behind a slow one, and results come back as
+they finish. A background thread keeps the workers fed and puts results in a reorder buffer;
+up to ``data.prefetch_steps`` steps of micro-batches are built ahead of the one training, and
+while the loop waits on a slow micro-batch the other workers keep building the ones after it.
+``data_wait_s`` is the time the loop blocked waiting for this step's micro-batches. Samples that
+fail in a worker are recorded in this process's ``catalog.dropped`` as they arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..recipe import Recipe
+from .catalog import Catalog
+from .stream import Materializer, PackPlan
+
+_WAIT = "wait"   # a task that builds nothing: issued while the workers are far enough ahead
+_WAIT_S = 0.02
+
+
+def bad_fraction_error(bad: int, seen: int, max_fraction: float, *, min_seen: int = 1000,
+                       examples: dict | None = None) -> str | None:
+    """The message that stops training when more than ``max_fraction`` of the samples were bad,
+    else None. Pass counts summed over all ranks (so every rank decides the same): ``bad`` =
+    samples that failed, ``seen`` = samples read (good and bad). Judged against
+    max(seen, min_seen): the first ``max_fraction x min_seen`` bad samples never stop a run
+    that has just started. ``examples``: reason -> ["file:line: detail"] for the message."""
+    if bad <= max_fraction * max(seen, min_seen):
+        return None
+    msg = (f"{bad} of {seen} samples read were bad ({100 * bad / max(seen, 1):.2f}%), more than "
+           f"data.max_bad_fraction={max_fraction:g}")
+    if examples:
+        msg += "; e.g. " + "; ".join(f"{r}: {ex[0]}" for r, ex in examples.items() if ex)
+    return msg + ". Fix or remove those samples, or raise data.max_bad_fraction."
+
+
+class _Tasks:
+    """What workers run: task (t, packs) -> (t, micro-batch, bad log); _WAIT sleeps briefly."""
+
+    def __init__(self, recipe: Recipe, catalog: Catalog, processor):
+        self.recipe, self.catalog, self.processor = recipe, catalog, processor
+        self.mat = None
+
+    def __getitem__(self, task):
+        if task == _WAIT:
+            time.sleep(_WAIT_S)
+            return _WAIT
+        t, packs = task
+        if self.mat is None:
+            self.mat = Materializer(self.recipe, self.catalog, self.processor)
+        return t, self.mat.micro_batch(packs), self.mat.bad_log
+
+
+def _identity(x):
+    return x
+
+
+class StepLoader:
+    """Iterate ``(step, batches, data_wait_s)`` for steps start_step .. train.max_steps - 1.
+
+    ``plan``: a :class:`PackPlan` to share (one is built otherwise). ``state_dict()`` is
+    ``{"step": next step, "plan": plan state}``; ``load_state_dict`` takes it (or ``{"step": k}``
+    alone, found by walking the plan's rounds) before iteration starts."""
+
+    def __init__(self, recipe: Recipe, catalog: Catalog, processor, rank: int, world: int,
+                 start_step: int = 0, plan: PackPlan | None = None):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.recipe, self.catalog, self.processor = recipe, catalog, processor
+        self.rank, self.world = rank, world
+        self.plan = plan or PackPlan(recipe, catalog)
+        self.plan.global_batch(world)
+        self.step = int(start_step)
+        self.gas = recipe.train.grad_accum_steps
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "plan": self.plan.state_dict(self.step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if "plan" in state:
+            self.plan.load_state_dict(state["plan"])
+
+    def micro_batches(self, step: int) -> list[list[list[int]]]:
+        """This rank's micro-batches of ``step`` as packs of catalog sample indices."""
+        return self.plan.rank_step(step, self.rank, self.world)
+
+    def __iter__(self):
+        if self.recipe.data.num_workers > 0:
+            yield from self._workers()
+            return
+        mat = Materializer(self.recipe, self.catalog, self.processor)
+        for step in range(self.step, self.recipe.train.max_steps):
+            t0 = time.perf_counter()
+            batches = [mat.micro_batch(p) for p in self.micro_batches(step)]
+            wait = time.perf_counter() - t0
+            self.step = step + 1
+            yield step, batches, wait
+
+    # ------------------------------------------------------------------ with workers
+
+    def _workers(self):
+        from torch.utils.data import DataLoader
+
+        first, last = self.step, self.recipe.train.max_steps
+        if first >= last:
+            return
+        total = (last - first) * self.gas            # task t = micro-batch t % gas of step first + t // gas
+        ahead = max(self.recipe.data.prefetch_steps * self.gas, self.recipe.data.num_workers + 1)
+        cond = threading.Condition()
+        st = {"issued": 0, "received": 0, "consumed": 0, "error": None, "stop": False, "done": False}
+        buf: dict[int, tuple] = {}
+
+        def tasks():                                  # runs inside the DataLoader, on the pump thread
+            cache = (None, None)
+            while st["issued"] < total:
+                t = st["issued"]
+                if t >= st["consumed"] + ahead or st["stop"]:
+                    yield _WAIT
+                    continue
+                step, m = first + t // self.gas, t % self.gas
+                if cache[0] != step:
+                    cache = (step, self.micro_batches(step))
+                st["issued"] += 1
+                yield t, cache[1][m]
+
+        gen = tasks()
+        kw = dict(batch_size=None, sampler=gen, num_workers=self.recipe.data.num_workers,
+                  prefetch_factor=1, collate_fn=_identity)
+        try:
+            dl = DataLoader(_Tasks(self.recipe, self.catalog, self.processor), in_order=False, **kw)
+        except TypeError:   # torch < 2.6: results in task order (slower after a slow task, same data)
+            dl = DataLoader(_Tasks(self.recipe, self.catalog, self.processor), **kw)
+        it = iter(dl)                                 # workers start here, in the caller's thread
+
+        def pump():
+            try:
+                while True:
+                    with cond:   # nothing useful to receive while throttled: sleep until consumed
+                        while (not st["stop"] and st["received"] == st["issued"]
+                               and st["issued"] >= st["consumed"] + ahead):
+                            cond.wait()
+                        if st["stop"] or st["received"] == total:
+                            break
+                    item = next(it)
+                    if item == _WAIT:
+                        continue
+                    with cond:
+                        buf[item[0]] = item
+                        st["received"] += 1
+                        cond.notify_all()
+            except StopIteration:
+                pass
+            except BaseException as exc:  # a worker's error: re-raised in the training loop
+                with cond:
+                    st["error"] = exc
+            finally:
+                with cond:
+                    st["done"] = True
+                    cond.notify_all()
+
+        thread = threading.Thread(target=pump, name="vlmft-data", daemon=True)
+        thread.start()
+        try:
+            for step in range(first, last):
+                base = (step - first) * self.gas
+                t0 = time.perf_counter()
+                batches = []
+                for t in range(base, base + self.gas):
+                    with cond:
+                        while t not in buf and st["error"] is None and not st["done"]:
+                            cond.wait()
+                        if t not in buf:
+                            raise st["error"] or RuntimeError("data workers stopped early")
+                        _, batch, bad = buf.pop(t)
+                        st["consumed"] = t + 1
+                        cond.notify_all()
+                    for reason, where, detail in bad:
+                        self.catalog.drop(reason, where, detail)
+                    batches.append(batch)
+                wait = time.perf_counter() - t0
+                self.step = step + 1
+                yield step, batches, wait
+        finally:
+            with cond:
+                st["stop"] = True
+                cond.notify_all()
