@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import functools
 import inspect
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
+
+from .validation import check_section, semantic_checks, yaml_lines
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -293,184 +292,6 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation
-
-
-def _lines(path: Path) -> dict[str, int]:
-    """key.path -> 1-based line in the YAML file, for error messages."""
-    out: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                out[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                out[f"{prefix}[{i}]"] = v.start_mark.line + 1
-                walk(v, f"{prefix}[{i}]")
-
-    try:
-        walk(yaml.compose(path.read_text()), "")
-    except yaml.YAMLError:
-        pass
-    return out
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _check_value(value, tp, key: str, errors: list[str]):
-    """Check ``value`` against the annotation ``tp``; recurse into dataclasses, lists and dicts."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-            return
-        _check_section(value, tp, key, errors)
-    elif origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{key}: expected a list, got {value!r}")
-            return
-        (item_tp,) = typing.get_args(tp)
-        for i, v in enumerate(value):
-            _check_value(v, item_tp, f"{key}[{i}]", errors)
-    elif origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping, got {value!r}")
-            return
-        _, val_tp = typing.get_args(tp)
-        if val_tp is not Any:
-            for k, v in value.items():
-                _check_value(v, val_tp, f"{key}.{k}", errors)
-    elif tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{key}: expected true or false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{key}: expected an integer, got {value!r}")
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{key}: expected a number, got {value!r}")
-    elif tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-
-
-def _check_section(raw: dict, cls: type, prefix: str, errors: list[str]):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in raw.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields:
-            close = difflib.get_close_matches(str(k), fields, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
-            errors.append(f"{key}: unknown key; {hint}")
-            continue
-        f = fields[k]
-        before = len(errors)
-        _check_value(v, hints[k], key, errors)
-        choices = f.metadata.get("choices")
-        if choices and len(errors) == before and v not in choices:
-            errors.append(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _semantic_checks(r: Recipe) -> list[str]:
-    """Checks on values that are well-typed: ranges, files that must exist, combinations."""
-    e = []
-
-    def positive(key, v, allow_zero=False):
-        if v < 0 or (v == 0 and not allow_zero):
-            e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
-
-    name = r.model.name_or_path
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
-    if not name:
-        e.append("model.name_or_path: required: a local model folder or a hub id")
-    elif looks_local and not Path(name).expanduser().is_dir():
-        e.append(f"model.name_or_path: folder '{name}' not found (relative paths are from "
-                 f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'")
-    if not r.data.datasets:
-        e.append("data.datasets: at least one dataset is required, e.g. - path: data/train.jsonl")
-    for i, d in enumerate(r.data.datasets):
-        key = f"data.datasets[{i}]"
-        if not d.path:
-            e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
-        elif not Path(d.path).expanduser().is_file():
-            e.append(f"{key}.path: file '{d.path}' not found (relative paths are from {os.getcwd()})")
-        if d.image_root and not Path(d.image_root).expanduser().is_dir():
-            e.append(f"{key}.image_root: folder '{d.image_root}' not found")
-        positive(f"{key}.repeat_time", d.repeat_time)
-        positive(f"{key}.loss_weight", d.loss_weight, allow_zero=True)
-    p = r.data.packing
-    positive("data.packing.max_packed_tokens", p.max_packed_tokens)
-    positive("data.packing.max_buffer_size", p.max_buffer_size)
-    positive("data.packing.window", p.window)
-    positive("data.packing.num_images_expected", p.num_images_expected, allow_zero=True)
-    if not 0.0 <= p.min_active_tokens_ratio <= 1.0:
-        e.append("data.packing.min_active_tokens_ratio: must be in [0, 1]")
-    if p.strict_mode and p.num_images_expected == 0:
-        e.append("data.packing.strict_mode: needs data.packing.num_images_expected > 0")
-    if not 0.0 <= r.data.max_bad_fraction <= 1.0:
-        e.append("data.max_bad_fraction: must be in [0, 1]")
-    positive("data.num_workers", r.data.num_workers, allow_zero=True)
-    positive("data.prefetch_steps", r.data.prefetch_steps)
-    positive("data.temperature", r.data.temperature)
-    positive("data.temperature_end", r.data.temperature_end)
-    if r.data.mixture == "size":
-        for k, v, default in (("temperature", r.data.temperature, 1.0),
-                              ("temperature_schedule", r.data.temperature_schedule, "constant"),
-                              ("temperature_end", r.data.temperature_end, 1.0)):
-            if v != default:
-                e.append(f"data.{k}: only used with data.mixture=temperature (mixture is size)")
-    elif r.data.temperature_schedule == "constant" and r.data.temperature_end != 1.0:
-        e.append("data.temperature_end: only used with data.temperature_schedule=linear")
-    positive("data.round_size", r.data.round_size, allow_zero=True)
-    positive("data.attention_cost_length", r.data.attention_cost_length)
-    positive("data.tile_cost", r.data.tile_cost, allow_zero=True)
-    positive("data.max_tiles_per_image", r.data.max_tiles_per_image, allow_zero=True)
-    positive("loss.chunk_size", r.loss.chunk_size)
-    positive("optim.lr", r.optim.lr)
-    positive("optim.weight_decay", r.optim.weight_decay, allow_zero=True)
-    positive("optim.eps", r.optim.eps)
-    if len(r.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.optim.betas):
-        e.append(f"optim.betas: expected two numbers in [0, 1), got {r.optim.betas}")
-    for tower in ("vision", "language"):
-        v = getattr(r.optim.layer_decay, tower)
-        if not 0.0 < v <= 1.0:
-            e.append(f"optim.layer_decay.{tower}: must be in (0, 1], got {v}")
-    for pat, mult in r.optim.lr_multipliers.items():
-        positive(f"optim.lr_multipliers.{pat}", mult, allow_zero=True)
-    positive("optim.freeze.vision_first_layers", r.optim.freeze.vision_first_layers, allow_zero=True)
-    positive("optim.freeze.vision_last_layers", r.optim.freeze.vision_last_layers, allow_zero=True)
-    positive("schedule.warmup_steps", r.schedule.warmup_steps, allow_zero=True)
-    if not 0.0 <= r.schedule.min_lr_ratio <= 1.0:
-        e.append("schedule.min_lr_ratio: must be in [0, 1]")
-    positive("train.max_steps", r.train.max_steps)
-    positive("train.micro_batch_size", r.train.micro_batch_size)
-    positive("train.grad_accum_steps", r.train.grad_accum_steps)
-    positive("engine.gradient_clipping", r.engine.gradient_clipping, allow_zero=True)
-    if r.engine.offload_params and r.engine.zero_stage != 3:
-        e.append("engine.offload_params: needs engine.zero_stage=3")
-    if r.engine.offload_optimizer and r.engine.zero_stage == 0:
-        e.append("engine.offload_optimizer: needs engine.zero_stage >= 1")
-    for k in ("optimizer", "scheduler"):
-        if k in r.engine.deepspeed:
-            e.append(f"engine.deepspeed.{k}: vlmft builds the {k} itself (parameter groups with "
-                     f"no-decay and layer-wise LR); remove this block and use optim.* / schedule.*")
-    for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if k in r.engine.deepspeed:
-            e.append(f"engine.deepspeed.{k}: set by vlmft from train.*; remove it and use "
-                     "train.micro_batch_size / train.grad_accum_steps")
-    positive("checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
-    positive("checkpoint.keep_last", r.checkpoint.keep_last)
-    positive("log.every_steps", r.log.every_steps)
-    return e
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -492,7 +313,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
         if not isinstance(loaded, type(OmegaConf.create({}))):
             raise RecipeError([f"{path}: the top level must be a mapping of sections"], source)
         raw = OmegaConf.to_container(loaded, resolve=False)
-        lines = _lines(p)
+        lines = yaml_lines(p)
     bad = [o for o in overrides if "=" not in o]
     for o in bad:
         errors.append(f"{o}: an override must look like key.path=value")
@@ -511,11 +332,11 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
         raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception as exc:  # a bad ${interpolation}
         raise RecipeError([f"interpolation: {exc}"], source) from None
-    _check_section(raw, Recipe, "", errors)
+    check_section(raw, Recipe, "", errors)
     if errors:
         raise RecipeError(_with_lines(errors, lines, source), source)
     recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), raw))
-    errors = _semantic_checks(recipe)
+    errors = semantic_checks(recipe)
     if errors:
         raise RecipeError(_with_lines(errors, lines, source), source)
     return recipe
