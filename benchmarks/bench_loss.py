@@ -5,24 +5,28 @@
     ... bench_loss.py --steps 30 --json [key=value recipe overrides]
 
 The demo recipe (recipes/demo.yaml: tiny InternVL, 256-token packs, loss.reduction square,
-ZeRO-2, fp32), built exactly as ``vlmft train`` builds it; the micro-batches of the first
-``--steps`` optimizer steps are materialized up front, so data loading is not timed. Then, on the
-same engine, steps alternate between two loss paths (A, B, A, B, ...):
+ZeRO-2, fp32), built as ``vlmft train`` builds it; the micro-batches of the first steps are
+materialized up front, so data loading is not timed. Then, on the same engine, every step's
+micro-batches go through both loss paths (A then B, B then A, ...):
 
-  normalized  vlmft.train.train_step: per-token weights w(n_s) d(s), the step's global weight sum
-              (one all-reduce of 4 numbers per step, before the first backward), each micro-batch
-              backpropagates S_mb / W * world with scale_wrt_gas=False.
+  normalized  vlmft.train.train_step: per-token weights w(n_s) d(s), the step's global weight
+              sum (one all-reduce of a few numbers per step, before the first backward), each
+              micro-batch backpropagates S_mb / W * world with scale_wrt_gas=False; the logged L
+              takes a second all-reduce per step (overlapping the optimizer step).
   plain mean  the same forward (chunked fp32 CE, loss.reduction token, no dataset weights), each
               micro-batch's loss divided by its own supervised-token count, engine.backward(loss)
               with DeepSpeed's own 1/grad_accum_steps; no all-reduce of ours.
 
-Reported: median step time of each path and the median of the paired per-step differences, in
-wall time and in this process's CPU time (which a shared machine's other load does not inflate;
-noisy all the same: the forward and backward dominate), and the normalization's own work timed directly, repeated: the weights of every
-micro-batch (token_weights, as local_weight_sum and micro_batch_sum compute them), the counts
-tensor and its all-reduce, and the S / W * world scaling. Collectives issued from vlmft code
-(torch.distributed calls whose caller is a vlmft module) are counted per step, against
-DeepSpeed's own (its gradient reductions, which both paths share).
+Reported:
+- step time of each path (median) and the median of the paired per-step differences, in wall
+  time and in this process's CPU time (less inflated by other load on a shared machine); noisy
+  all the same, since the forward and backward dominate;
+- the normalization's own work timed directly, many times: the weights of every micro-batch,
+  the counts tensor and its all-reduce, the S / W * world scaling and the all-reduce of the
+  logged loss (waited for here, so counted in full), as a share of the normalized step time;
+- collectives per step issued from vlmft code (torch.distributed calls whose caller is a vlmft
+  module), and the others seen (DeepSpeed's gradient reductions, which both paths share; a lower
+  bound, since DeepSpeed also reaches torch.distributed by other routes, e.g. ZeRO-3's gathers).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from vlmft import engine as ds  # noqa: E402
 from vlmft import loss as lossmod  # noqa: E402
 from vlmft import optim, schedule  # noqa: E402
 from vlmft.data.catalog import build_catalog  # noqa: E402
-from vlmft.data.stream import Materializer, PackPlan, deal  # noqa: E402
+from vlmft.data.stream import Materializer, PackPlan  # noqa: E402
 from vlmft.model import load_model, load_processor  # noqa: E402
 from vlmft.recipe import load  # noqa: E402
 from vlmft.train import BATCH_KEYS, LossModule, train_step  # noqa: E402
@@ -96,14 +100,18 @@ def plain_mean_step(eng, module, batches):
 
 def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
     """Seconds of the normalization's own work for one step, as train_step does it, as (local,
-    all-reduces). Local: the weights for the global sum, the counts tensor, the weights again
-    inside each micro-batch's loss (micro_batch_sum) and the S / W * world scaling. All-reduces:
-    the counts (before the first backward) and the step's loss sum for the logged L (after the
-    last backward); with several ranks their time includes waiting for the slower rank."""
+    all-reduces). Local: the weights of each micro-batch (computed once: summed for W and
+    passed to the loss), the counts tensor, the S / W * world scaling. All-reduces: the counts
+    (before the first backward) and the step's loss sum for the logged L (train_step overlaps
+    that one with the optimizer step; here it is waited for, so counted in full). With several
+    ranks their time includes waiting for the slower rank."""
     red = recipe.loss.reduction
     t = time.perf_counter()
+    weights = [lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), red)
+               for b in batches]
+    local_w = sum((w.sum(dtype=torch.float64) for w in weights), torch.zeros((), dtype=torch.float64))
     counts = torch.tensor([
-        float(lossmod.local_weight_sum(batches, red)),
+        float(local_w),
         sum(b["input_ids"].numel() for b in batches),
         sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
         sum(b["num_samples"] for b in batches)], dtype=torch.float64, device=dev)
@@ -114,8 +122,7 @@ def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
     t = time.perf_counter()
     W = counts[0].float()
     s_sum = torch.zeros((), device=dev)
-    for b in batches:
-        w = lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), red)
+    for w in weights:
         s = lossmod.scaled_loss(w.sum(), W, world)
         s_sum += s.detach()
     t_local += time.perf_counter() - t
@@ -132,6 +139,34 @@ def mask_work(batches) -> float:
         m = (b["labels"] != lossmod.IGNORE_INDEX).float()
         int(m.sum())
     return time.perf_counter() - t
+
+
+def report(r: dict, args) -> str:
+    ms, cpu = r["step_ms"], r["cpu_step_ms"]
+    vc, oc = r["vlmft_collectives_per_step"], r["deepspeed_collectives_per_step"]
+    q, cq = r["step_diff_quartiles_ms"], r["cpu_diff_quartiles_ms"]
+    lines = [
+        (f"world {r['world']}, {r['micro_batches_per_rank']} micro-batch(es)/rank/step, "
+         f"{r['tokens_per_rank_step']:.0f} tokens/rank/step, reduction {r['reduction']}, "
+         f"ZeRO-{r['zero_stage']}, {args.steps} steps per path"),
+        (f"step time (median): normalized {ms['normalized']:.1f} ms, plain mean {ms['plain_mean']:.1f} ms, "
+         f"paired difference {r['step_diff_ms']:+.1f} ms ({r['step_diff_pct']:+.1f}%; "
+         f"quartiles {q[0]:+.1f} .. {q[1]:+.1f} ms)"),
+        (f"process CPU time per step (median): normalized {cpu['normalized']:.1f} ms, plain mean "
+         f"{cpu['plain_mean']:.1f} ms, paired difference {r['cpu_diff_ms']:+.1f} ms ({r['cpu_diff_pct']:+.1f}%; "
+         f"quartiles {cq[0]:+.1f} .. {cq[1]:+.1f} ms)"),
+        (f"normalization work per step (direct, median of {args.repeat}x{args.steps}): "
+         f"{r['normalization_ms']:.3f} ms (local {r['normalization_local_ms']:.3f}, all-reduces "
+         f"{r['normalization_allreduce_ms']:.3f}; plain mean's mask/count: {r['plain_mask_ms']:.3f} ms) "
+         f"= {r['normalization_pct_of_step']:.2f}% of the step"),
+        (f"collectives per step from vlmft code: normalized {vc['normalized']:g} "
+         f"(direct: {r['vlmft_collectives_in_normalization']}), plain mean {vc['plain_mean']:g}; others "
+         f"(DeepSpeed's, through torch.distributed's public functions; a lower bound): "
+         f"{oc['normalized']:g} / {oc['plain_mean']:g}"),
+    ]
+    if r["bare_allreduce_us"] is not None:
+        lines.append(f"one bare all-reduce of 5 float64 here: {r['bare_allreduce_us']:.0f} us")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -159,9 +194,16 @@ def main() -> None:
     eng = ds.initialize(module, optimizer, sched, recipe, world)
 
     n_steps = args.warmup + args.steps
-    steps = [[mat.micro_batch(p) for p in deal(plan.step(k, world), rank, world,
-                                                recipe.train.micro_batch_size)]
-             for k in range(n_steps)]
+    steps = [[mat.micro_batch(p) for p in plan.rank_step(k, rank, world)] for k in range(n_steps)]
+    bare_us = None
+    if dist.is_initialized() and world > 1:  # what one all-reduce of a few numbers costs here
+        x = torch.zeros(5, dtype=torch.float64, device=eng.device)
+        for _ in range(20):
+            dist.all_reduce(x)
+        t = time.perf_counter()
+        for _ in range(200):
+            dist.all_reduce(x)
+        bare_us = 1e6 * (time.perf_counter() - t) / 200
     counter = CollectiveCounter()
     times = {"normalized": [], "plain_mean": []}
     cpu = {"normalized": [], "plain_mean": []}
@@ -205,7 +247,8 @@ def main() -> None:
     cpu_med = {p: statistics.median(v) for p, v in cpu.items()}
     micro = len(steps[0])
     res = {
-        "world": world, "grad_accum_steps": recipe.train.grad_accum_steps, "micro_batches_per_rank": micro,
+        "world": world, "grad_accum_steps": recipe.train.grad_accum_steps,
+        "micro_batches_per_rank": micro,
         "reduction": recipe.loss.reduction, "zero_stage": recipe.engine.zero_stage,
         "tokens_per_rank_step": statistics.mean(sum(b["input_ids"].numel() for b in s) for s in steps),
         "steps_timed_per_path": args.steps,
@@ -216,38 +259,23 @@ def main() -> None:
         "cpu_step_ms": {p: 1e3 * v for p, v in cpu_med.items()},
         "cpu_diff_ms": 1e3 * statistics.median(cdiffs),
         "cpu_diff_pct": 100 * statistics.median(cdiffs) / cpu_med["plain_mean"],
-        "cpu_diff_quartiles_ms": [1e3 * cdiffs[len(cdiffs) // 4], 1e3 * cdiffs[(3 * len(cdiffs)) // 4]],
+        "cpu_diff_quartiles_ms": [1e3 * cdiffs[len(cdiffs) // 4],
+                                  1e3 * cdiffs[(3 * len(cdiffs)) // 4]],
         "normalization_ms": 1e3 * statistics.median(work),
         "normalization_local_ms": 1e3 * statistics.median(local),
         "normalization_allreduce_ms": 1e3 * statistics.median(comm),
         "plain_mask_ms": 1e3 * statistics.median(base),
-        "normalization_pct_of_step": 100 * (statistics.median(work) - statistics.median(base)) / med["normalized"],
+        # the share of the step: the normalization's work less the mask/count a plain mean needs too
+        "normalization_pct_of_step":
+            100 * (statistics.median(work) - statistics.median(base)) / med["normalized"],
         "vlmft_collectives_per_step": {p: statistics.mean(c["vlmft"] for c in v) for p, v in colls.items()},
-        "deepspeed_collectives_per_step": {p: statistics.mean(c["other"] for c in v) for p, v in colls.items()},
+        "deepspeed_collectives_per_step": {p: statistics.mean(c["other"] for c in v)
+                                           for p, v in colls.items()},
         "vlmft_collectives_in_normalization": direct_colls["vlmft"],
+        "bare_allreduce_us": bare_us,
     }
     if rank == 0:
-        if args.json:
-            print(json.dumps(res))
-        else:
-            print(f"world {world}, {micro} micro-batch(es)/rank/step, {res['tokens_per_rank_step']:.0f} tokens/rank/step, "
-                  f"reduction {res['reduction']}, ZeRO-{res['zero_stage']}, {args.steps} steps per path")
-            print(f"step time (median): normalized {res['step_ms']['normalized']:.1f} ms, plain mean "
-                  f"{res['step_ms']['plain_mean']:.1f} ms, paired difference {res['step_diff_ms']:+.1f} ms "
-                  f"({res['step_diff_pct']:+.1f}%; quartiles {q1 * 1e3:+.1f} .. {q3 * 1e3:+.1f} ms)")
-            print(f"process CPU time per step (median): normalized {res['cpu_step_ms']['normalized']:.1f} ms, "
-                  f"plain mean {res['cpu_step_ms']['plain_mean']:.1f} ms, paired difference "
-                  f"{res['cpu_diff_ms']:+.1f} ms ({res['cpu_diff_pct']:+.1f}%; quartiles "
-                  f"{res['cpu_diff_quartiles_ms'][0]:+.1f} .. {res['cpu_diff_quartiles_ms'][1]:+.1f} ms)")
-            print(f"normalization work per step (direct, median of {args.repeat}x{args.steps}): "
-                  f"{res['normalization_ms']:.3f} ms (local {res['normalization_local_ms']:.3f}, all-reduces "
-                  f"{res['normalization_allreduce_ms']:.3f}; plain mean's mask/count: {res['plain_mask_ms']:.3f} ms) "
-                  f"= {res['normalization_pct_of_step']:.2f}% of the step")
-            print(f"collectives per step from vlmft code: normalized {res['vlmft_collectives_per_step']['normalized']:g} "
-                  f"(direct: {res['vlmft_collectives_in_normalization']}), "
-                  f"plain mean {res['vlmft_collectives_per_step']['plain_mean']:g}; DeepSpeed's own: "
-                  f"{res['deepspeed_collectives_per_step']['normalized']:g} / "
-                  f"{res['deepspeed_collectives_per_step']['plain_mean']:g}")
+        print(json.dumps(res) if args.json else report(res, args))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

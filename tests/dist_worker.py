@@ -47,43 +47,26 @@ import math
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from vlmft import engine as ds
+from vlmft import optim, schedule
+from vlmft.data.catalog import build_catalog
+from vlmft.data.stream import Materializer
+from vlmft.model import load_model, load_processor
+from vlmft.recipe import load
+from vlmft.train import LossModule, train_step
+
 ROOT = Path(__file__).resolve().parents[1]
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from vlmft import engine as ds  # noqa: E402
-from vlmft import optim, schedule  # noqa: E402
-from vlmft.data.catalog import build_catalog  # noqa: E402
-from vlmft.data.stream import Materializer  # noqa: E402
-from vlmft.model import load_model, load_processor  # noqa: E402
-from vlmft.recipe import load  # noqa: E402
-from vlmft.train import LossModule, train_step  # noqa: E402
-
 DEMO = ROOT / "recipes" / "demo.yaml"
 REDUCTIONS = ("token", "sample", "square")
 STAGES = (1, 2, 3)
 LR, EPS = 1.0e14, 1.0e8
 K = LR / EPS  # the first AdamW update is -K * g
 X = -100
-
-
-def _no_muon_import() -> None:
-    """DeepSpeed imports its Muon module (and with it torch's inductor, ~3 s) lazily inside the
-    first optimizer step of every ZeRO stage; vlmft never uses Muon."""
-    name = "deepspeed.runtime.zero.muon.original_muon"
-    if name not in sys.modules:
-        stub = types.ModuleType(name)
-
-        def unused(*_a, **_k):
-            raise RuntimeError("Muon is not used by vlmft")
-
-        stub.muon_update = stub.adam_update = unused
-        stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
-        sys.modules[name] = stub
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,9 +211,9 @@ def compare(got: dict, ref: dict) -> dict:
     ref2 = sum(float(ref[n].double().norm() ** 2) for n in ref)
     gnorm = math.sqrt(ref2)
     worst, worst_name = 0.0, None
-    for n in ref:
-        r = float(ref[n].double().norm())
-        e = float((got[n].double() - ref[n].double()).norm()) / max(r, 1e-6 * gnorm)
+    for n, g in ref.items():
+        r = float(g.double().norm())
+        e = float((got[n].double() - g.double()).norm()) / max(r, 1e-6 * gnorm)
         if e > worst:
             worst, worst_name = e, n
     return {"rel_global": math.sqrt(diff2) / gnorm, "rel_worst_tensor": worst,
@@ -494,7 +477,6 @@ def main(argv: list[str]) -> None:
     tasks, out = argv[1].split(","), Path(argv[2]).resolve()
     os.chdir(ROOT)  # recipes name paths relative to the repository root
     out.mkdir(parents=True, exist_ok=True)
-    _no_muon_import()
     t0 = time.perf_counter()
     rank, world = ds.init_distributed()
     results = {}

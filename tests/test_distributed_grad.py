@@ -17,7 +17,9 @@ results). What the worker measures (see its docstring):
 - a step without any supervised token (masked labels, or loss_weight 0) is skipped, leaves the
   weights bit-identical, and the next step on the same engine is still exact;
 - end to end: ``vlmft train recipes/demo.yaml`` for 3 steps as 1 rank x 4 and 2 ranks x 2
-  accumulation: the same final weights (<= 1e-5 relative) and the same logged losses.
+  accumulation: the same final weights (<= 1e-5 relative) and the same logged losses. The
+  Typer command runs inside each worker launch, first, while the process is fresh: a separate
+  launch per run would add ~10 s each.
 """
 
 from __future__ import annotations

@@ -49,19 +49,25 @@ def _avoid_slow_starts() -> None:
     - its shared-memory all-reduce op is JIT-compiled at the first ``init_distributed`` on the
       CPU accelerator: 150-175 s on a 2-core machine (cached afterwards, but every fresh CI
       machine pays it). gloo does the all-reduces instead; we mark the op incompatible.
-    - ZeRO imports its Muon optimizer module just to run an ``isinstance`` check, which pulls
-      in torch's compiler stack (~1.1 s a process here). vlmft never builds a Muon optimizer
-      (optimizer blocks are refused), so a stand-in module answers that check.
+    - ZeRO imports its Muon optimizer modules for an ``isinstance`` check at initialize and for
+      a ``muon_update`` import in the first optimizer step; they pull in torch's compiler stack
+      (~1.1 s and ~3 s a process here). vlmft never builds a Muon optimizer (optimizer blocks
+      are refused), so stand-in modules answer both.
     """
     import deepspeed.ops
 
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for name in ("deepspeed.runtime.zero.muon.muon_optimizer",):
+    for name in ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon"):
         if name not in sys.modules:
             stub = types.ModuleType(name)
             stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+            stub.muon_update = stub.adam_update = _no_muon
             sys.modules[name] = stub
+
+
+def _no_muon(*args, **kwargs):
+    raise RuntimeError("vlmft never builds a Muon optimizer")
 
 
 def init_distributed() -> tuple[int, int]:

@@ -4,6 +4,7 @@ bar on rank 0 (other ranks stay quiet), TensorBoard when asked."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -47,7 +48,9 @@ class Metrics:
     def log(self, row: dict) -> None:
         if self.rank != 0:
             return
-        self.file.write(json.dumps(row) + "\n")
+        # strict JSON: a skipped step's loss is null, not NaN
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         self.progress.update(self.task, completed=row["step"], loss=row.get("loss", float("nan")),
                              lr=row.get("lr", 0.0), tps=row.get("tokens_per_s", 0.0))

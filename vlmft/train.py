@@ -52,7 +52,9 @@ class LossModule(nn.Module):
         self.vision_every_step = vision_every_step
 
     def forward(self, input_ids, position_ids, labels, sample_ids, loss_weight, pixel_values=None,
-                n_chunks=None):
+                n_chunks=None, weights=None):
+        """S_mb. ``weights``: the per-token c_t of :func:`vlmft.loss.token_weights` when the
+        caller has them already (train_step does: it sums them for W); else computed here."""
         dtype = next(self.model.parameters()).dtype
         base = self.model.model
         blank = []
@@ -73,9 +75,14 @@ class LossModule(nn.Module):
         finally:
             if pixel_values is None and self.vision_every_step:
                 hook.remove()
-        batch = {"labels": labels, "sample_ids": sample_ids, "loss_weight": loss_weight}
-        s = lossmod.micro_batch_sum(out.last_hidden_state, self.model.get_output_embeddings(), batch,
-                                    self.reduction, self.chunk_size, n_chunks=n_chunks)
+        hidden, head = out.last_hidden_state, self.model.get_output_embeddings()
+        if weights is None:
+            batch = {"labels": labels, "sample_ids": sample_ids, "loss_weight": loss_weight}
+            s = lossmod.micro_batch_sum(hidden, head, batch, self.reduction, self.chunk_size,
+                                        n_chunks=n_chunks)
+        else:
+            s = lossmod.weighted_ce_sum(hidden, head, labels.to(hidden.device),
+                                        weights.to(hidden.device), self.chunk_size, n_chunks=n_chunks)
         for feats in blank:
             s = s + 0.0 * feats.float().sum()
         return s
@@ -110,11 +117,18 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResu
     the first backward). Each micro-batch backpropagates S_mb / W * world with DeepSpeed's own
     1/grad_accum_steps off; DeepSpeed's average over ranks then leaves exactly grad L, where
     L = sum S_mb / W over the whole step (loss.py derives it). Clipping sees that gradient.
+    The per-token weights are computed once (for W and for each S_mb); the only other
+    collective of ours is the all-reduce of the logged loss, which overlaps the optimizer step.
     """
+    import torch.distributed as dist
+
     dev = eng.device
     red = recipe.loss.reduction
+    weights = [lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), red)
+               for b in batches]
+    local_w = sum((w.sum(dtype=torch.float64) for w in weights), torch.zeros((), dtype=torch.float64))
     counts = torch.tensor([
-        float(lossmod.local_weight_sum(batches, red)),
+        float(local_w),
         sum(b["input_ids"].numel() for b in batches),
         sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
         sum(b["num_samples"] for b in batches),
@@ -128,13 +142,20 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResu
     # The engine's own stage: ZeRO-3 may also come from engine.deepspeed.zero_optimization.
     n_chunks = _agreed_chunks(batches, recipe, dev) if eng.zero_optimization_stage() == 3 else None
     s_sum = torch.zeros((), device=dev)
+    pending = None
     for i, b in enumerate(batches):
         inputs = {k: (b[k].to(dev) if b[k] is not None else None) for k in BATCH_KEYS}
-        s = eng(**inputs, n_chunks=None if n_chunks is None else n_chunks[i])
+        s = eng(**inputs, n_chunks=None if n_chunks is None else n_chunks[i],
+                weights=weights[i].to(dev))
         ds.backward(eng, lossmod.scaled_loss(s, W, world))
-        eng.step()
         s_sum += s.detach().float()
-    loss = ds.all_reduce_sum(s_sum) / W
+        if i == len(batches) - 1 and dist.is_initialized() and dist.get_world_size() > 1:
+            # the logged L = sum of S over ranks / W: summed while DeepSpeed steps
+            pending = dist.all_reduce(s_sum, op=dist.ReduceOp.SUM, async_op=True)
+        eng.step()
+    if pending is not None:
+        pending.wait()
+    loss = s_sum / W
     return StepResult(float(loss), tokens, supervised, samples, bad, skipped=False)
 
 
