@@ -108,9 +108,10 @@ class StepResult:
     samples: int
     bad: int                # samples that failed to materialize (all ranks)
     skipped: bool
+    stop: bool = False      # some rank was signalled (SIGTERM/SIGINT): every rank saves and exits
 
 
-def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResult:
+def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches.
 
     W = the step's global weight sum over all ranks and micro-batches (one all-reduce, before
@@ -132,13 +133,14 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResu
         sum(b["input_ids"].numel() for b in batches),
         sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
         sum(b["num_samples"] for b in batches),
-        sum(b.get("num_bad", 0) for b in batches)], dtype=torch.float64, device=dev)
+        sum(b.get("num_bad", 0) for b in batches),
+        float(stop)], dtype=torch.float64, device=dev)
     counts = ds.all_reduce_sum(counts)  # the step's one collective before the first backward
     W = counts[0].float()
-    tokens, supervised, samples, bad = (int(x) for x in counts[1:].tolist())
+    tokens, supervised, samples, bad, stops = (int(x) for x in counts[1:].tolist())
     if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
         eng.lr_scheduler.step()
-        return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True)
+        return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True, stop=stops > 0)
     # The engine's own stage: ZeRO-3 may also come from engine.deepspeed.zero_optimization.
     n_chunks = _agreed_chunks(batches, recipe, dev) if eng.zero_optimization_stage() == 3 else None
     s_sum = torch.zeros((), device=dev)
@@ -156,7 +158,7 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int) -> StepResu
     if pending is not None:
         pending.wait()
     loss = s_sum / W
-    return StepResult(float(loss), tokens, supervised, samples, bad, skipped=False)
+    return StepResult(float(loss), tokens, supervised, samples, bad, skipped=False, stop=stops > 0)
 
 
 def _agreed_chunks(batches: list[dict], recipe: Recipe, device=None) -> list[int]:
@@ -172,7 +174,8 @@ def _agreed_chunks(batches: list[dict], recipe: Recipe, device=None) -> list[int
 
 
 class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits 0."""
+    """SIGTERM/SIGINT set a flag; train_step sums it over ranks with its step counts (no extra
+    collective), and every rank saves at the end of that step and exits 0."""
 
     def __init__(self):
         self.flag = False
@@ -185,11 +188,6 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.flag = True
-
-    def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (one tiny all-reduce per step)."""
-        t = ds.all_reduce_sum(torch.tensor([float(self.flag)]))
-        return bool(t.item() > 0)
 
     def restore(self):
         for sig, old in self._old.items():
@@ -245,7 +243,7 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
         loader.load_state_dict(stream_state)  # O(1): no replay of earlier steps
     t0 = time.perf_counter()
     for step, batches, t_data in loader:
-        r = train_step(eng, batches, recipe, world)
+        r = train_step(eng, batches, recipe, world, stop=preempt.flag)
         skipped += r.skipped
         bad, seen = bad + r.bad, seen + r.samples + r.bad  # global sums: every rank decides alike
         msg = bad_fraction_error(bad, seen, recipe.data.max_bad_fraction, examples=catalog.examples)
@@ -273,7 +271,7 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
                 "bad_samples": bad, "skipped_steps": skipped})
         done = step + 1
         every = recipe.checkpoint.every_steps
-        preempted = preempt.agreed()
+        preempted = r.stop
         if preempted or (every and done % every == 0 and done < recipe.train.max_steps):
             ds.save(eng, ckpt_dir, done, recipe.checkpoint.keep_last,
                     {"step": done, "stream": loader.state_dict(), "recipe": to_dict(recipe), "world_size": world})
