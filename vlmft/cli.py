@@ -90,6 +90,7 @@ def pack_stats(
     data: Optional[str] = typer.Option(None, help="Replace the recipe's datasets by this JSONL or meta JSON."),
     limit: int = typer.Option(0, help="Read at most N records per dataset (0 = all)."),
     strategy: Optional[str] = typer.Option(None, help="best_fit | internvl | next_fit (default: the recipe's)."),
+    world_size: int = typer.Option(8, help="Ranks to report the per-rank compute balance for."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """How well the data packs: fill, padding, packs vs the lower bound, what was dropped."""
@@ -101,7 +102,13 @@ def pack_stats(
     r = _load(recipe, ov)
     from . import pack_stats as ps
 
-    stats = ps.pack_stats(r, limit=limit, progress=not as_json and err.is_terminal)
+    if world_size < 1:
+        _fail([f"--world-size: must be >= 1, got {world_size}"])
+    try:
+        stats = ps.pack_stats(r, limit=limit, progress=not as_json and err.is_terminal,
+                              world_size=world_size)
+    except ValueError as exc:  # RecipeError included: a bad meta JSON given with --data, ...
+        _fail(getattr(exc, "errors", None) or str(exc).splitlines())
     if as_json:
         print(json.dumps(stats))
     else:

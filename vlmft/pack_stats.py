@@ -1,12 +1,14 @@
 """``vlmft pack-stats``: how well a recipe's data packs, before any GPU time is spent.
 
 Every record is planned exactly as training plans it (:func:`vlmft.data.catalog.build_catalog`:
-chat template, tokens, image tokens and tiles from file headers, no pixel decoded), the usable
-samples are put in training's first-epoch order (``random.Random(f"{seed}:0")``, as
-:class:`vlmft.data.stream.PackPlan` does) and packed with the recipe's strategy and limits.
-The same samples, in the same order, are also packed with ``internvl`` and ``next_fit``, and
-with best-fit-decreasing over the whole stream at once (``offline_bfd``, the practical
-optimum); ``lower_bound_packs`` is ceil(total tokens / max_packed_tokens).
+chat template, tokens, image tokens and tiles from file headers, no pixel decoded); the usable
+samples, once each, in a random order seeded by ``train.seed`` (training shuffles too; its
+mixture and rounds are not replayed here), are packed with the recipe's strategy and limits.
+The same samples, in the same order, are also packed with the other strategies (``best_fit``,
+``internvl``, ``next_fit``), and with best-fit-decreasing over the whole stream at once
+(``offline_bfd``, the practical optimum); ``lower_bound_packs`` is ceil(total tokens /
+max_packed_tokens). ``samples_per_second`` is the planning throughput (records read per
+second of ``build_catalog``).
 
 Bad samples never stop pack-stats (``data.on_bad_sample`` is taken as ``skip``): each is
 counted under its reason with the first few ``file:line: detail``.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import time
 from collections import Counter
 
@@ -31,9 +32,10 @@ PROGRESS_MIN_RECORDS = 2000   # smaller inputs plan in well under a second: no b
 COMPARED = ("best_fit", "internvl", "next_fit")
 
 
-def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: int | None = None) -> dict:
+def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: int | None = None,
+               world_size: int = 8) -> dict:
     """Plan and pack the recipe's data; return the statistics as plain JSON-able data."""
-    from .data import packing
+    from .data import balance, packing
     from .data.catalog import build_catalog
     from .model import load_processor
 
@@ -46,8 +48,7 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
         cat = build_catalog(recipe, processor, limit=limit, on_step=bar.step, workers=workers)
     plan_s = time.perf_counter() - t0
 
-    order = list(range(len(cat.samples)))
-    random.Random(f"{recipe.train.seed}:0").shuffle(order)
+    order = np.random.default_rng(recipe.train.seed).permutation(len(cat.samples)).tolist()
     lengths = np.array([cat.samples[i].length for i in order], dtype=np.int64)
     tiles = np.array([cat.samples[i].tiles for i in order], dtype=np.int64)
     limits = packing.Limits(cap, max_tiles)
@@ -77,6 +78,11 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
 
     used = len(cat.samples)
     n = len(cat.records)
+    d, t = recipe.data, recipe.train
+    costs = balance.pack_costs(lengths, tiles, main, attention_length=d.attention_cost_length,
+                               tile_cost=d.tile_cost)
+    ranks = balance.balance_report(costs, world_size, t.micro_batch_size * t.grad_accum_steps,
+                                   t.micro_batch_size)
     return {
         "recipe_strategy": main_strategy,
         "max_packed_tokens": cap,
@@ -100,6 +106,7 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
         "length_histogram": _histogram(lengths, cap),
         "per_dataset": _per_dataset(cat),
         "strategies": strategies,
+        "rank_balance": ranks,
         "plan_seconds": round(plan_s, 3),
         "samples_per_second": n / plan_s if plan_s > 0 else 0.0,
     }
@@ -213,6 +220,16 @@ def render(stats: dict):
                       f"{v['fill_ratio'] * 100:.3f}%", f"{v['padding_tokens']:,}")
 
     parts = [summary, strat]
+    rb = s["rank_balance"]
+    if rb["steps"]:
+        bal = Table(title=f"per-rank compute, {rb['world']} ranks x {rb['per_rank']} packs "
+                          f"({rb['steps']} steps; max/mean, 1.0 = even)", title_justify="left")
+        for c in ("deal", "mean", "p99", "worst"):
+            bal.add_column(c, justify="left" if c == "deal" else "right")
+        for name in ("balanced", "round_robin"):
+            v = rb[name]
+            bal.add_row(name, f"{v['max_over_mean']:.4f}", f"{v['p99']:.4f}", f"{v['worst']:.4f}")
+        parts.append(bal)
     if s["dropped"] or s["truncated"]:
         drops = Table(title="dropped samples", title_justify="left")
         drops.add_column("reason")
@@ -246,9 +263,15 @@ def histogram(bins: list[dict], width: int = 40):
     t.add_column("count", justify="right")
     top = max((b["count"] for b in bins), default=0) or 1
     eighths = " ▏▎▍▌▋▊▉"
+    used = [k for k, b in enumerate(bins) if b["count"]]
+    if used and (used[0] > 0 or used[-1] < len(bins) - 1):   # empty bins at the ends: a note
+        t.caption = "no sample " + " or ".join(
+            f"in {bins[a]['lo']}-{bins[b]['hi']}" for a, b in ((0, used[0] - 1), (used[-1] + 1, len(bins) - 1))
+            if a <= b)
+        bins = bins[used[0]:used[-1] + 1]
     for b in bins:
         units = b["count"] / top * width * 8
-        full, part = divmod(int(round(units)), 8)
+        full, part = divmod(round(units), 8)
         bar = "█" * full + (eighths[part] if part else "")
         if b["count"] and not bar:
             bar = "▏"

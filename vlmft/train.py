@@ -201,8 +201,8 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     ckpt_dir = out / "checkpoints"
     resume_from = ds.resolve_resume(ckpt_dir, resume) if resume else None
     processor = load_processor(recipe.model)
+    catalog = build_catalog(recipe, processor)  # before the weights: bad data fails fast
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
-    catalog = build_catalog(recipe, processor)
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)

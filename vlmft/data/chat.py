@@ -27,8 +27,8 @@ render at all. Otherwise, when the sentinels at least come out intact, each samp
 once and must equal the filled skeleton, or it takes the slow path (every prefix rendered), so
 a template that edits or inspects content is never guessed at. The compiled Jinja template is
 called directly, as ``apply_chat_template`` calls it, after checking once that both agree.
-Text is tokenized many samples at a time (:func:`plan_many`); header sizes are cached per path
-(images.py); image tokens and tiles per (height, width, max_tiles).
+Text is tokenized many samples at a time (:func:`plan_many`); images.py caches header sizes per
+path and image tokens and tiles per (height, width, max_tiles).
 """
 
 from __future__ import annotations
@@ -122,7 +122,6 @@ class _Fast:
     def __init__(self, processor):
         self.template = self.base = None
         self.shapes: dict[tuple, tuple] = {}
-        self.mm: dict[tuple, tuple[int, int]] = {}
         self.text_cache: dict[str, int] = {}
         self.image_token = processor.image_token
         try:  # the same call apply_chat_template makes, minus its per-call conversions
@@ -304,25 +303,8 @@ def segments(processor, msgs: list[dict], paths: list[str | Path]) -> list[Segme
 
 # ---------------------------------------------------------------- planning
 
-def _images_kwargs(processor, max_tiles: int) -> dict:
-    if max_tiles and hasattr(processor.image_processor, "max_patches"):
-        return {"max_patches": max_tiles}
-    return {}
-
-
 def _text_ids(processor, text: str) -> list[int]:
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _image_cost(processor, fast: _Fast, path: str | Path, max_tiles: int) -> tuple[int, int]:
-    """(tokens, tiles) one image becomes, from its header size."""
-    key = imageio.size(path) + (max_tiles,)
-    hit = fast.mm.get(key)
-    if hit is None:
-        mm = processor._get_num_multimodal_tokens(image_sizes=[key[:2]], **_images_kwargs(processor, max_tiles))
-        tiles = getattr(mm, "num_image_patches", None) or [1]
-        hit = fast.mm[key] = (mm.num_image_tokens[0], tiles[0])
-    return hit
 
 
 def _count_tokens(processor, fast: _Fast, texts: list[str]) -> list[int]:
@@ -358,7 +340,7 @@ def plan_many(processor, items: list[tuple[list[Segment], int]]) -> list[Plan | 
             n = next(counts)
             for p in seg.images:
                 try:
-                    tok, til = _image_cost(processor, fast, p, max_tiles)
+                    tok, til = imageio.cost(processor, p, max_tiles)
                 except imageio.ImageProblem as exc:
                     problem = problem or exc
                     continue
@@ -381,12 +363,11 @@ def plan(processor, segs: list[Segment], max_tiles: int = 0) -> Plan:
 def truncated_plan(processor, segs: list[Segment], max_tiles: int, max_len: int) -> Plan | None:
     """The plan of the first max_len tokens, as :func:`truncate` will cut them: None when the
     cut would fall inside or before an image span, or leave no supervised token."""
-    fast = _fast(processor)
     pos = sup = tiles = nimg = last_image = 0
     for seg in segs:
         n = len(_text_ids(processor, seg.text))
         if seg.images:
-            costs = [_image_cost(processor, fast, p, max_tiles) for p in seg.images]
+            costs = [imageio.cost(processor, p, max_tiles) for p in seg.images]
             grow = sum(tok - 1 for tok, _ in costs)
             head = seg.text[: seg.text.rindex(processor.image_token) + len(processor.image_token)]
             last_image = pos + len(_text_ids(processor, head)) + grow   # one past the last image token
@@ -412,14 +393,14 @@ def encode(processor, segs: list[Segment], max_tiles: int = 0) -> Encoded:
         if seg.images:
             imgs = [imageio.load(p) for p in seg.images]
             out = processor(text=[seg.text], images=imgs, return_tensors="pt",
-                            **_images_kwargs(processor, max_tiles))
+                            **imageio.processor_kwargs(processor, max_tiles))
             seg_ids = out["input_ids"][0].tolist()
             pixels.append(out["pixel_values"])
         else:
             seg_ids = _text_ids(processor, seg.text)
         ids += seg_ids
         labels += [t if seg.supervised and t not in image_ids else -100 for t in seg_ids]
-    pv = torch.cat(pixels) if pixels else None
+    pv = (pixels[0] if len(pixels) == 1 else torch.cat(pixels)) if pixels else None  # no extra copy
     return Encoded(ids, labels, pv, 0 if pv is None else pv.shape[0])
 
 

@@ -10,8 +10,9 @@
 - The decompression-bomb guard stays on (pillow's limit, about 89 MP, or ``MAX_PIXELS``): a bomb
   is a bad sample, not a frozen worker. It is checked on the header's size, before any decode.
 
-Every problem is an :class:`ImageProblem` whose ``reason`` is the counted key: missing_image,
-empty_image, corrupt_image, truncated_image, image_bomb.
+:func:`cost` asks the model's processor how many tokens and tiles an image becomes, from its
+header size. Every problem is an :class:`ImageProblem` whose ``reason`` is the counted key:
+missing_image, empty_image, corrupt_image, truncated_image, image_bomb.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+import weakref
 from pathlib import Path
 
 from PIL import Image, ImageFile
@@ -59,7 +61,8 @@ def _open(path: str | Path) -> tuple[Image.Image, int]:
     except IsADirectoryError:
         raise ImageProblem("missing_image", f"{path} is a folder, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageProblem("image_bomb", f"{path}: {exc}") from None
+        raise ImageProblem("image_bomb", f"{path}: more pixels than the decompression-bomb guard "
+                           f"allows (MAX_PIXELS={MAX_PIXELS}): {exc}") from None
     except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from a bad header
         raise ImageProblem("corrupt_image", f"{path}: not a readable image ({exc})") from None
     w, h = img.size
@@ -110,6 +113,32 @@ def size(path: str | Path) -> tuple[int, int]:
         _SIZES[key] = hit
     if isinstance(hit, ImageProblem):
         raise ImageProblem(hit.reason, hit.detail)
+    return hit
+
+
+def processor_kwargs(processor, max_tiles: int) -> dict:
+    """The image-processor arguments that cap an image at max_tiles tiles (0 = its default)."""
+    if max_tiles and hasattr(processor.image_processor, "max_patches"):
+        return {"max_patches": max_tiles}
+    return {}
+
+
+_COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cost(processor, path: str | Path, max_tiles: int = 0) -> tuple[int, int]:
+    """(tokens, tiles) the processor turns this image into, from the header size alone; cached
+    per processor and (height, width, max_tiles)."""
+    key = size(path) + (max_tiles,)
+    try:
+        table = _COSTS.setdefault(processor, {})
+    except TypeError:   # not weak-referenceable: no cache
+        table = {}
+    hit = table.get(key)
+    if hit is None:
+        mm = processor._get_num_multimodal_tokens(image_sizes=[key[:2]], **processor_kwargs(processor, max_tiles))
+        tiles = getattr(mm, "num_image_patches", None) or [1]
+        hit = table[key] = (mm.num_image_tokens[0], tiles[0])
     return hit
 
 
