@@ -247,6 +247,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a command: gloo's threads otherwise die
+    with the interpreter ("terminate called without an active exception", a non-zero exit
+    seen once in 2-rank runs)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
