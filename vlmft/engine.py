@@ -208,12 +208,20 @@ def load(engine, path: Path) -> dict:
     import torch.distributed as dist
 
     path = Path(path)
+    extra = torch.load(path / "vlmft_state.pt", weights_only=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if extra["world_size"] != world and engine.zero_optimization_stage() > 0:
+        raise ValueError(
+            f"--resume: {path} was saved by {extra['world_size']} ranks and this run has {world}; "
+            "DeepSpeed's ZeRO shards load only onto the same number of ranks (converting them with "
+            "deepspeed.checkpoint.ds_to_universal is not wired into vlmft yet). Resume with "
+            f"{extra['world_size']} ranks; the data stream itself resumes onto any world size.")
     engine.load_checkpoint(str(path.parent), tag=path.name)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return torch.load(path / "vlmft_state.pt", weights_only=False)
+    return extra
 
 
 def _rng_state() -> dict:
