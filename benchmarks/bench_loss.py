@@ -53,7 +53,7 @@ from vlmft.data.catalog import build_catalog  # noqa: E402
 from vlmft.data.stream import Materializer, PackPlan  # noqa: E402
 from vlmft.model import load_model, load_processor  # noqa: E402
 from vlmft.recipe import load  # noqa: E402
-from vlmft.train import BATCH_KEYS, LossModule, train_step  # noqa: E402
+from vlmft.train import BATCH_KEYS, LossModule, step_counts, train_step  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                "reduce_scatter", "broadcast", "reduce", "barrier", "all_to_all_single")
@@ -107,14 +107,7 @@ def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
     ranks their time includes waiting for the slower rank."""
     red = recipe.loss.reduction
     t = time.perf_counter()
-    weights = [lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), red)
-               for b in batches]
-    local_w = sum((w.sum(dtype=torch.float64) for w in weights), torch.zeros((), dtype=torch.float64))
-    counts = torch.tensor([
-        float(local_w),
-        sum(b["input_ids"].numel() for b in batches),
-        sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
-        sum(b["num_samples"] for b in batches)], dtype=torch.float64, device=dev)
+    weights, counts = step_counts(batches, red, device=dev)
     t_local = time.perf_counter() - t
     t = time.perf_counter()
     counts = ds.all_reduce_sum(counts)

@@ -111,6 +111,23 @@ class StepResult:
     stop: bool = False      # some rank was signalled (SIGTERM/SIGINT): every rank saves and exits
 
 
+def step_counts(batches: list[dict], reduction: str, stop: bool = False, device=None):
+    """This rank's per-token weights of each micro-batch (computed once: summed for W, then
+    passed to the loss) and the vector [W, tokens, supervised, samples, bad, stop] that the
+    step all-reduces once before its first backward."""
+    weights = [lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), reduction)
+               for b in batches]
+    local_w = sum((w.sum(dtype=torch.float64) for w in weights), torch.zeros((), dtype=torch.float64))
+    counts = torch.tensor([
+        float(local_w),
+        sum(b["input_ids"].numel() for b in batches),
+        sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
+        sum(b["num_samples"] for b in batches),
+        sum(b.get("num_bad", 0) for b in batches),
+        float(stop)], dtype=torch.float64, device=device)
+    return weights, counts
+
+
 def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches.
 
@@ -125,16 +142,7 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
 
     dev = eng.device
     red = recipe.loss.reduction
-    weights = [lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), red)
-               for b in batches]
-    local_w = sum((w.sum(dtype=torch.float64) for w in weights), torch.zeros((), dtype=torch.float64))
-    counts = torch.tensor([
-        float(local_w),
-        sum(b["input_ids"].numel() for b in batches),
-        sum(int((b["labels"] != lossmod.IGNORE_INDEX).sum()) for b in batches),
-        sum(b["num_samples"] for b in batches),
-        sum(b.get("num_bad", 0) for b in batches),
-        float(stop)], dtype=torch.float64, device=dev)
+    weights, counts = step_counts(batches, red, stop, dev)
     counts = ds.all_reduce_sum(counts)  # the step's one collective before the first backward
     W = counts[0].float()
     tokens, supervised, samples, bad, stops = (int(x) for x in counts[1:].tolist())
