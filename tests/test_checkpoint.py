@@ -41,12 +41,20 @@ def _wait_for_step(out, step, proc, timeout=240):
     raise AssertionError(f"step {step} not reached")
 
 
+class Run(dict):
+    """step -> loss of a finished run, and its folder (for tests that resume its checkpoints)."""
+
+    def __init__(self, losses, out):
+        super().__init__(losses)
+        self.out = out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     p = torchrun(2, "train", str(DEMO), f"output_dir={out}", *ARGS)
     assert p.returncode == 0, p.stderr[-3000:]
-    return _losses(out)
+    return Run(_losses(out), out=out)
 
 
 def test_sigkill_after_step_7_then_resume_auto_is_exact(tmp_path, reference):
@@ -98,6 +106,23 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, refere
     # 1 rank x 4 accumulation = the same global batch as the 2 x 2 reference: same losses
     got = _losses(out)
     assert sorted(got) == list(range(1, 13))
+    assert max(abs(got[s] - reference[s]) for s in got) <= 1e-5
+
+
+def test_resume_onto_another_world_size_with_the_same_global_batch(tmp_path, reference):
+    """2 ranks x 2 accumulation saved step 6; 1 rank x 4 accumulation continues it exactly
+    (ZeRO shards converted to DeepSpeed's universal format)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference.out / "checkpoints" / "step6", out / "checkpoints" / "step6")
+    r = subprocess.run([str(BIN / "vlmft"), "train", str(DEMO), f"output_dir={out}", *ARGS,
+                        "train.grad_accum_steps=4", "--resume", str(out / "checkpoints" / "step6")],
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "now split as 1 ranks x 1 x 4 (was 2 x 1 x 2)" in r.stderr
+    got = _losses(out)
+    assert sorted(got) == list(range(7, 13))
     assert max(abs(got[s] - reference[s]) for s in got) <= 1e-5
 
 

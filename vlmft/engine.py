@@ -86,7 +86,7 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def ds_config(recipe: Recipe, world_size: int) -> dict:
+def ds_config(recipe: Recipe, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config from the recipe. Batch keys are vlmft's (train.*); our own loss
     scaling assumes DeepSpeed divides by gradient_accumulation_steps only when asked."""
     e, t = recipe.engine, recipe.train
@@ -106,6 +106,8 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     for k, v in e.deepspeed.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k] = {**cfg[k], **v}
@@ -125,11 +127,11 @@ def offload_optimizer(optimizer):
                             weight_decay=d["weight_decay"], adamw_mode=True)
 
 
-def initialize(model, optimizer, scheduler, recipe: Recipe, world_size: int):
+def initialize(model, optimizer, scheduler, recipe: Recipe, world_size: int, load_universal: bool = False):
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds_config(recipe, world_size))
+                                      config=ds_config(recipe, world_size, load_universal))
     return engine
 
 
@@ -201,22 +203,48 @@ def resolve_resume(ckpt_dir: Path, resume: str) -> Path | None:
     return Path(ckpt_dir) / tags[-1] if tags else None
 
 
-def load(engine, path: Path) -> dict:
+def saved_world_size(path: Path) -> int:
+    import torch
+
+    return int(torch.load(Path(path) / "vlmft_state.pt", weights_only=False)["world_size"])
+
+
+def to_universal(path: Path) -> Path:
+    """ZeRO shards are cut for the world size that saved them. To resume on another number of
+    ranks, rank 0 converts the checkpoint once with DeepSpeed's own ``ds_to_universal`` into
+    ``path/universal/<tag>`` (reused if already there); every rank then loads it with
+    ``load_universal``. Returns the folder holding the converted tag."""
+    import subprocess
+    import torch.distributed as dist
+
+    out = Path(path) / "universal"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not (out / path.name / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", str(path), "--output_folder", str(out / path.name),
+                            "--inject_missing_state"], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise ValueError(f"--resume: converting {path} for another world size failed:\n"
+                             + p.stderr[-2000:])
+        _atomic_write(out / path.name / COMPLETE, path.name)
+    _barrier()
+    return out
+
+
+def load(engine, path: Path, universal: bool = False) -> dict:
     """Load model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return vlmft's extra
-    state (step, stream state, recipe)."""
+    state (step, stream state, recipe, world size). ``universal``: a checkpoint from another
+    world size, converted by :func:`to_universal`."""
     import torch
     import torch.distributed as dist
 
     path = Path(path)
     extra = torch.load(path / "vlmft_state.pt", weights_only=False)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if extra["world_size"] != world and engine.zero_optimization_stage() > 0:
-        raise ValueError(
-            f"--resume: {path} was saved by {extra['world_size']} ranks and this run has {world}; "
-            "DeepSpeed's ZeRO shards load only onto the same number of ranks (converting them with "
-            "deepspeed.checkpoint.ds_to_universal is not wired into vlmft yet). Resume with "
-            f"{extra['world_size']} ranks; the data stream itself resumes onto any world size.")
-    engine.load_checkpoint(str(path.parent), tag=path.name)
+    if universal:
+        engine.load_checkpoint(str(to_universal(path)), tag=path.name)
+    else:
+        engine.load_checkpoint(str(path.parent), tag=path.name)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file():

@@ -2,7 +2,9 @@
 
 A resumed run is exact when it sees the same data in the same order and computes the same
 updates. Keys that cannot affect that (where to log, how often to save, how many workers build
-batches) change freely; ``train.max_steps`` changes with a warning (the LR schedule stretches).
+batches) change freely, and so does the split of the global batch into ranks, micro-batches and
+accumulation (the plan and the loss do not depend on it); ``train.max_steps`` changes with a
+warning (the LR schedule stretches).
 Everything else, and a different global batch (micro_batch_size x grad_accum_steps x world
 size), is refused unless ``--force``.
 """
@@ -10,6 +12,8 @@ size), is refused unless ``--force``.
 from __future__ import annotations
 
 FREE = ("output_dir", "checkpoint.", "log.", "data.num_workers")
+# how the global batch is split: free as long as the global batch stays (checked below)
+SPLIT = ("train.micro_batch_size", "train.grad_accum_steps")
 WARN = ("train.max_steps",)
 
 
@@ -30,7 +34,7 @@ def compare(saved: dict, current: dict, saved_world: int, world: int) -> tuple[l
     warnings, refusals = [], []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, "<unset>"), b.get(key, "<unset>")
-        if old == new or key.startswith(FREE):
+        if old == new or key.startswith(FREE) or key in SPLIT:
             continue
         line = f"{key}: {old!r} -> {new!r}"
         (warnings if key.startswith(WARN) else refusals).append(line)
@@ -40,6 +44,8 @@ def compare(saved: dict, current: dict, saved_world: int, world: int) -> tuple[l
     if g0 != g1:
         refusals.append(f"global batch: {g0} packs a step ({saved_world} ranks) -> {g1} ({world} ranks); "
                         "keep micro_batch_size x grad_accum_steps x world size equal")
-    elif saved_world != world:
-        warnings.append(f"world size: {saved_world} -> {world} ranks, same global batch of {g1} packs")
+    elif (saved_world, t0["micro_batch_size"], t0["grad_accum_steps"]) != (world, t1["micro_batch_size"], t1["grad_accum_steps"]):
+        warnings.append(f"global batch of {g1} packs now split as {world} ranks x "
+                        f"{t1['micro_batch_size']} x {t1['grad_accum_steps']} (was {saved_world} x "
+                        f"{t0['micro_batch_size']} x {t0['grad_accum_steps']})")
     return warnings, refusals

@@ -217,11 +217,14 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     scheduler = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
     module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
                         vision_every_step=world > 1)
-    eng = ds.initialize(module, optimizer, scheduler, recipe, world)
+    # ZeRO shards saved by another number of ranks load through DeepSpeed's universal format
+    universal = (resume_from is not None and ds.saved_world_size(resume_from) != world
+                 and recipe.engine.zero_stage > 0)
+    eng = ds.initialize(module, optimizer, scheduler, recipe, world, load_universal=universal)
 
     start, stream_state = 0, None
     if resume_from is not None:
-        state = ds.load(eng, resume_from)
+        state = ds.load(eng, resume_from, universal=universal)
         stream_state = state["stream"]
         warnings, refusals = compare(state["recipe"], to_dict(recipe), state["world_size"], world)
         if refusals and not force:
