@@ -27,7 +27,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Everything but the multi-process tests (torchrun + DeepSpeed): about a minute.
+# Everything but the multi-process tests (torchrun + DeepSpeed): about 50 s here.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
