@@ -203,10 +203,11 @@ def resolve_resume(ckpt_dir: Path, resume: str) -> Path | None:
     return Path(ckpt_dir) / tags[-1] if tags else None
 
 
-def saved_world_size(path: Path) -> int:
+def saved_state(path: Path) -> dict:
+    """vlmft's own part of a checkpoint: step, stream state, resolved recipe, world size."""
     import torch
 
-    return int(torch.load(Path(path) / "vlmft_state.pt", weights_only=False)["world_size"])
+    return torch.load(Path(path) / "vlmft_state.pt", weights_only=False)
 
 
 def to_universal(path: Path) -> Path:
@@ -232,15 +233,13 @@ def to_universal(path: Path) -> Path:
     return out
 
 
-def load(engine, path: Path, universal: bool = False) -> dict:
-    """Load model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return vlmft's extra
-    state (step, stream state, recipe, world size). ``universal``: a checkpoint from another
-    world size, converted by :func:`to_universal`."""
+def load(engine, path: Path, universal: bool = False) -> None:
+    """Load model, optimizer, scheduler (DeepSpeed) and this rank's RNG. ``universal``: a
+    checkpoint from another world size, converted by :func:`to_universal`."""
     import torch
     import torch.distributed as dist
 
     path = Path(path)
-    extra = torch.load(path / "vlmft_state.pt", weights_only=False)
     if universal:
         engine.load_checkpoint(str(to_universal(path)), tag=path.name)
     else:
@@ -249,7 +248,6 @@ def load(engine, path: Path, universal: bool = False) -> dict:
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return extra
 
 
 def _rng_state() -> dict:

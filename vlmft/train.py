@@ -208,6 +208,15 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
     resume_from = ds.resolve_resume(ckpt_dir, resume) if resume else None
+    saved = ds.saved_state(resume_from) if resume_from else None
+    if saved:  # before anything heavy: a refused resume costs nothing
+        warnings, refusals = compare(saved["recipe"], to_dict(recipe), saved["world_size"], world)
+        if refusals and not force:
+            raise RecipeError([f"resume from {resume_from}: {r}" for r in refusals]
+                              + ["(these changes break exact resumption; pass --force to resume anyway)"])
+        for w in warnings + (refusals if force else []):
+            if rank == 0:
+                print(f"vlmft: resume: {w}", file=sys.stderr)
     processor = load_processor(recipe.model)
     catalog = build_catalog(recipe, processor)  # before the weights: bad data fails fast
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
@@ -218,22 +227,13 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
                         vision_every_step=world > 1)
     # ZeRO shards saved by another number of ranks load through DeepSpeed's universal format
-    universal = (resume_from is not None and ds.saved_world_size(resume_from) != world
-                 and recipe.engine.zero_stage > 0)
+    universal = bool(saved) and saved["world_size"] != world and recipe.engine.zero_stage > 0
     eng = ds.initialize(module, optimizer, scheduler, recipe, world, load_universal=universal)
 
     start, stream_state = 0, None
-    if resume_from is not None:
-        state = ds.load(eng, resume_from, universal=universal)
-        stream_state = state["stream"]
-        warnings, refusals = compare(state["recipe"], to_dict(recipe), state["world_size"], world)
-        if refusals and not force:
-            raise RecipeError([f"resume from {resume_from}: {r}" for r in refusals]
-                              + ["(these changes break exact resumption; pass --force to resume anyway)"])
-        for w in warnings + (refusals if force else []):
-            if rank == 0:
-                print(f"vlmft: resume: {w}", file=sys.stderr)
-        start = int(state["step"])
+    if saved:
+        ds.load(eng, resume_from, universal=universal)
+        stream_state, start = saved["stream"], int(saved["step"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
