@@ -46,14 +46,12 @@ def train(
 ):
     """Train on one process, or one per GPU under torchrun / the deepspeed launcher."""
     r = _load(recipe, overrides)
-    from .engine import shutdown
     from .train import train as run
 
     try:
         summary = run(r, resume=resume, force=force)
     except (recipes.RecipeError, ValueError) as exc:  # found later: bad data, a bad --resume, ...
         _fail(getattr(exc, "errors", None) or str(exc).splitlines())
-    shutdown()
     if summary.rank == 0 and not summary.preempted:
         err.print(f"done: {summary.steps} steps, final model in {summary.final}", soft_wrap=True, highlight=False)
 
@@ -118,4 +116,12 @@ def pack_stats(
 
 
 def main() -> None:
-    app()
+    """The console script: the command, then a clean exit from the process group (if the
+    command joined one), so gloo's threads do not die with the interpreter."""
+    try:
+        app()
+    finally:
+        if "torch.distributed" in sys.modules:
+            from .engine import shutdown
+
+            shutdown()
