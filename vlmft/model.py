@@ -6,8 +6,6 @@ HF folder, so the demo takes exactly the path a real InternVL or Qwen2.5-VL chec
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, InternVLProcessor
 from transformers.utils import logging as transformers_logging
@@ -110,7 +108,3 @@ def disable_cache(model) -> None:
     text = getattr(model.config, "text_config", None)
     if text is not None:
         text.use_cache = False
-
-
-def is_local(name_or_path: str) -> bool:
-    return Path(name_or_path).expanduser().is_dir()
