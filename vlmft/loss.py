@@ -19,7 +19,7 @@ Scaling in the train step (the algebra)
 Rank r runs micro-batches m = 1..M_r (M_r may differ between ranks). Let
 S_m = sum_{t in m} c_t l_t (:func:`weighted_ce_sum`, or :func:`micro_batch_sum`) and
 W_global = sum over all ranks of :func:`local_weight_sum` (one all-reduce of a scalar per step,
-:func:`all_reduce_sum`, before the first backward). Then L = sum_r sum_m S_m / W_global.
+``vlmft.engine.all_reduce_sum``, before the first backward). Then L = sum_r sum_m S_m / W_global.
 
 DeepSpeed does two things to what ``engine.backward(x)`` receives:
 
@@ -33,7 +33,7 @@ So each micro-batch calls ``engine.backward(S_m / W_global * P, scale_wrt_gas=Fa
 whatever the number of micro-batches or tokens on each rank (W_global is a constant: it
 depends on labels only). DESIGN.md measured <= 2e-8 against the single-process gradient.
 
-The logged loss is ``all_reduce_sum(sum_m S_m.detach()) / W_global`` = L.
+The logged loss is the all-reduced ``sum_m S_m.detach()`` over ``W_global``: L itself.
 
 Empty steps: if W_global is 0 (no supervised token in the whole step, or every dataset in it
 has loss_weight 0) L is undefined; :func:`step_is_empty` says so, the step is skipped (no
@@ -106,17 +106,6 @@ def local_weight_sum(micro_batches: Iterable[Mapping[str, Tensor]], reduction: s
         w = token_weights(mb["labels"], mb["sample_ids"], mb.get("loss_weight"), reduction)
         total = total + w.sum(dtype=torch.float64).cpu()
     return total.to(torch.float32)
-
-
-def all_reduce_sum(x: Tensor, group=None) -> Tensor:
-    """A summed copy of ``x`` over the process group; ``x`` itself when not distributed.
-
-    On a GPU backend (nccl) pass ``x`` on the rank's device; gloo takes CPU tensors.
-    """
-    x = x.detach().clone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM, group=group)
-    return x
 
 
 def step_is_empty(w_global: Tensor | float) -> bool:

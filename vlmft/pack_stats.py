@@ -37,6 +37,7 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
     """Plan and pack the recipe's data; return the statistics as plain JSON-able data."""
     from .data import balance, packing
     from .data.catalog import build_catalog
+    from .data.stream import packer_args
     from .model import load_processor
 
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, on_bad_sample="skip"))
@@ -51,7 +52,7 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
     order = np.random.default_rng(recipe.train.seed).permutation(len(cat.samples)).tolist()
     lengths = np.array([cat.samples[i].length for i in order], dtype=np.int64)
     tiles = np.array([cat.samples[i].tiles for i in order], dtype=np.int64)
-    limits = packing.Limits(cap, max_tiles)
+    limits, knobs = packer_args(cfg)
     total = int(lengths.sum())
 
     def run(strategy: str, **kw) -> tuple[list[list[int]], float]:
@@ -61,9 +62,6 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
         packs = list(packing.pack(lengths, tiles, limits, strategy=strategy, **kw))
         return packs, time.perf_counter() - t
 
-    knobs = dict(window=cfg.window, max_open=cfg.max_buffer_size,
-                 min_active_tokens_ratio=cfg.min_active_tokens_ratio,
-                 allow_overflow=cfg.allow_overflow, strict_mode=cfg.strict_mode)
     strategies = {}
     for name in COMPARED:
         packs, secs = run(name, **knobs)

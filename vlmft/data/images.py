@@ -142,11 +142,6 @@ def cost(processor, path: str | Path, max_tiles: int = 0) -> tuple[int, int]:
     return hit
 
 
-def clear_cache() -> None:
-    """Forget cached header sizes (after files changed on disk)."""
-    _SIZES.clear()
-
-
 def load(path: str | Path) -> Image.Image:
     """Decode fully to RGB; a truncated or corrupt file raises ImageProblem."""
     img, nbytes = _open(path)

@@ -51,6 +51,16 @@ class Round:
     quotas: np.ndarray       # samples drawn per dataset
 
 
+def packer_args(cfg) -> tuple:
+    """The recipe's ``data.packing`` as ``packing.pack`` arguments: (Limits, knobs), the
+    strategy apart (pack-stats runs every strategy with the same knobs)."""
+    from . import packing
+
+    return packing.Limits(cfg.max_packed_tokens, cfg.num_images_expected), dict(
+        window=cfg.window, max_open=cfg.max_buffer_size, min_active_tokens_ratio=cfg.min_active_tokens_ratio,
+        allow_overflow=cfg.allow_overflow, strict_mode=cfg.strict_mode)
+
+
 class PackPlan:
     """The global sequence of packs over rounds, and each step's deal to ranks.
 
@@ -140,12 +150,9 @@ class PackPlan:
             return [[i] for i in range(len(order))]
         from . import packing
 
-        return list(packing.pack(
-            self.lengths[order], None if self.tiles is None else self.tiles[order],
-            packing.Limits(cfg.max_packed_tokens, cfg.num_images_expected),
-            strategy=cfg.strategy, window=cfg.window, max_open=cfg.max_buffer_size,
-            min_active_tokens_ratio=cfg.min_active_tokens_ratio,
-            allow_overflow=cfg.allow_overflow, strict_mode=cfg.strict_mode))
+        limits, knobs = packer_args(cfg)
+        return list(packing.pack(self.lengths[order], None if self.tiles is None else self.tiles[order],
+                                 limits, strategy=cfg.strategy, **knobs))
 
     def epoch(self, e: int) -> list[list[int]]:
         """The packs of round e (an epoch under the default mixture and round size)."""
@@ -228,12 +235,6 @@ class PackPlan:
             self._rounds = {i: r for i, r in self._rounds.items() if i < c}
             self._bounds = {i: b for i, b in self._bounds.items() if i <= c}
         return int(state["step"])
-
-
-def deal(step_packs: list[list[int]], rank: int, world: int, micro_batch_size: int) -> list[list[list[int]]]:
-    """This rank's micro-batches (each a list of packs): pack j goes to rank j % world."""
-    mine = step_packs[rank::world]
-    return [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
 class Materializer:
