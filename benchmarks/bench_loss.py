@@ -53,7 +53,9 @@ from vlmft.data.catalog import build_catalog  # noqa: E402
 from vlmft.data.stream import Materializer, PackPlan  # noqa: E402
 from vlmft.model import load_model, load_processor  # noqa: E402
 from vlmft.recipe import load  # noqa: E402
-from vlmft.train import BATCH_KEYS, LossModule, step_counts, train_step  # noqa: E402
+from vlmft.forward import LossModule, model_inputs, to_device  # noqa: E402
+from vlmft.models import family_of  # noqa: E402
+from vlmft.train import step_counts, train_step  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                "reduce_scatter", "broadcast", "reduce", "barrier", "all_to_all_single")
@@ -85,17 +87,13 @@ class CollectiveCounter:
 def plain_mean_step(eng, module, batches):
     """The baseline: a per-micro-batch token mean, DeepSpeed's own scaling, nothing global."""
     dev = eng.device
-    reduction, module.reduction = module.reduction, "token"
-    try:
-        for b in batches:
-            inputs = {k: (b[k].to(dev) if b[k] is not None else None) for k in BATCH_KEYS}
-            inputs["loss_weight"] = None
-            n = max(1, int((b["labels"] != lossmod.IGNORE_INDEX).sum()))
-            s = eng(**inputs)
-            eng.backward(s / n)
-            eng.step()
-    finally:
-        module.reduction = reduction
+    for b in batches:
+        inputs = to_device(model_inputs(module.family, module.model, b), dev)
+        sup = (b["labels"] != lossmod.IGNORE_INDEX).float()
+        n = max(1, int(sup.sum()))
+        s = eng(inputs, sup.to(dev))
+        eng.backward(s / n)
+        eng.step()
 
 
 def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
@@ -183,7 +181,8 @@ def main() -> None:
     mat = Materializer(recipe, catalog, processor)
     optimizer, _ = optim.build_optimizer(model, recipe.optim)
     sched = schedule.scheduler(optimizer, recipe.schedule, 10**6)
-    module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size, vision_every_step=world > 1)
+    fam = family_of(processor)
+    module = LossModule(model, fam, recipe.loss.chunk_size, blank=fam.blank(processor) if world > 1 else None)
     eng = ds.initialize(module, optimizer, sched, recipe, world)
 
     n_steps = args.warmup + args.steps

@@ -110,15 +110,17 @@ def make_model_folder(out: Path) -> Path:
     from transformers import InternVLConfig
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
+    from transformers import InternVLProcessor
+
     from vlmft.demo_assets import CHAT_TEMPLATE, make_tokenizer
-    from vlmft.model import InternVLImageProcessor
+    from vlmft.models import image_only
 
     corpus = ["system user assistant " + " ".join(WORDS)] * 4 + [_words(random.Random(k), 5, 50) for k in range(400)]
     tok = make_tokenizer(corpus)
     ip = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True,
                                   min_patches=1, max_patches=MAX_PATCHES)
-    proc = InternVLImageProcessor(image_processor=ip, tokenizer=tok, image_seq_length=SEQ,
-                                  chat_template=CHAT_TEMPLATE)
+    proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=SEQ,
+                                         chat_template=CHAT_TEMPLATE)
     out.mkdir(parents=True, exist_ok=True)
     proc.save_pretrained(out)
     InternVLConfig(text_config=dict(model_type="qwen2", vocab_size=len(tok)),
@@ -157,7 +159,7 @@ def bench_stream(work: Path, n: int, max_tokens: int) -> dict:
     for p in packs:
         mb = mat.micro_batch([p])
         tokens += mb["input_ids"].shape[1]
-        tiles += 0 if mb["pixel_values"] is None else mb["pixel_values"].shape[0]
+        tiles += 0 if mb["vision"] is None else mb["vision"]["pixel_values"].shape[0]
     t3 = time.perf_counter()
     return {"samples": n, "packs": len(packs), "packed_tokens": tokens, "tiles": tiles,
             "max_packed_tokens": max_tokens, "plan_s": t1 - t0, "pack_s": t2 - t1,

@@ -26,21 +26,25 @@ def worker(stage: int, out: str) -> None:
 
     from vlmft import engine as ds
     from vlmft import optim, schedule
-    from vlmft.model import load_model
+    from vlmft.forward import LossModule
+    from vlmft.model import load_model, load_processor
+    from vlmft.models import family_of
     from vlmft.recipe import load
-    from vlmft.train import LossModule
 
     rank, world = ds.init_distributed()
     recipe = load(ROOT / "recipes" / "demo.yaml", [f"engine.zero_stage={stage}"])
     model = load_model(recipe.model)
     opt, _ = optim.build_optimizer(model, recipe.optim)
     sched = schedule.scheduler(opt, recipe.schedule, recipe.train.max_steps)
-    eng = ds.initialize(LossModule(model, "token", 1024, vision_every_step=world > 1), opt, sched, recipe, world)
+    processor = load_processor(recipe.model)
+    fam = family_of(processor)
+    eng = ds.initialize(LossModule(model, fam, 1024, blank=fam.blank(processor) if world > 1 else None),
+                        opt, sched, recipe, world)
     ids = torch.randint(20, 300, (1, 16))
-    batch = dict(input_ids=ids, position_ids=torch.arange(16)[None], labels=ids,
-                 sample_ids=torch.zeros_like(ids), loss_weight=torch.ones(1, 16), pixel_values=None)
+    inputs = {"model": {"input_ids": ids, "position_ids": torch.arange(16)[None]}, "labels": ids,
+              "sample_ids": torch.zeros_like(ids), "tokens": None}
     for _ in range(recipe.train.grad_accum_steps):
-        ds.backward(eng, eng(**batch))
+        ds.backward(eng, eng(inputs, torch.ones(1, 16)))
         eng.step()
     o = eng.optimizer
     if stage == 3:

@@ -1,6 +1,6 @@
 """Worker for the multi-process DeepSpeed tests: many configurations in one torchrun launch.
 
-    torchrun --standalone --nproc_per_node N tests/dist_worker.py TASK[,TASK...] OUT_DIR
+    torchrun --standalone --nproc_per_node N tests/dist_worker.py TASK[,TASK...] OUT_DIR [key=value ...]
 
 A launch costs ~8 s (imports, rendezvous); a fresh DeepSpeed engine on the tiny demo model costs
 a fraction of a second, so each task loops over its configurations, building a fresh engine for
@@ -10,8 +10,9 @@ each, and rank 0 writes OUT_DIR/results.json, one object per task, that the test
 ``e2e`` (issue 5, end to end; run first, while the process is fresh): ``vlmft train
 recipes/demo.yaml`` (the Typer command, in this process) for three optimizer steps with
 grad_accum_steps = 4 / world, so 1 rank x 4 and 2 ranks x 2 see the same global batch; fp32,
-optim.eps=1.0 (the update is nearly linear in the gradient), weight decay 0. The final folder
-and metrics.jsonl land in OUT_DIR/e2e; the test compares the two launches.
+optim.eps=1.0 (the update is nearly linear in the gradient), weight decay 0; the launch's extra
+``key=value`` arguments are recipe overrides (another model family, its data, a ZeRO stage).
+The final folder and metrics.jsonl land in OUT_DIR/e2e; the test compares the two launches.
 
 ``grad`` (issue 5): for every reduction x ZeRO stage 1, 2, 3 x accumulation (1 and 3 with one
 rank, 1 and 2 with two), one optimizer step through :func:`vlmft.train.train_step` (LossModule,
@@ -42,6 +43,7 @@ Results are plain numbers; the tests hold the thresholds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -56,9 +58,12 @@ from vlmft import engine as ds
 from vlmft import optim, schedule
 from vlmft.data.catalog import build_catalog
 from vlmft.data.stream import Materializer
+from vlmft.data.stream import row as stream_row
+from vlmft.forward import LossModule
 from vlmft.model import load_model, load_processor
+from vlmft.models import family_of
 from vlmft.recipe import load
-from vlmft.train import LossModule, train_step
+from vlmft.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -74,38 +79,45 @@ X = -100
 
 
 class Samples:
-    """Demo samples encoded once; micro-batches are built from them by hand."""
+    """Demo samples encoded once (vlmft.data.tokens.encode: token ids and unshifted labels);
+    micro-batches are laid out from them by vlmft.data.stream.row, the training layout."""
 
     def __init__(self, recipe, processor, n_records: int = 30):
         cat = build_catalog(recipe, processor, limit=n_records)
         self.cat = cat
-        self.mat = Materializer(recipe, cat, processor)
-        self.one = [self.mat.micro_batch([[i]]) for i in range(len(cat.samples))]
+        self.family = family_of(processor)
+        mat = Materializer(recipe, cat, processor)
+        self.one = [{"enc": mat.sample(ref), "d": 1.0} for ref in cat.samples]
 
     def info(self, i: int) -> dict:
         s = self.cat.samples[i]
         return {"index": i, "tokens": s.length, "tiles": s.tiles, "n_supervised": s.n_supervised}
 
 
-def pack(parts: list[dict]) -> dict:
-    """Samples (each a one-sample micro-batch dict, possibly with its own loss_weight and labels)
-    laid end to end in one row, as the Materializer does: position ids restart, sample ids count."""
-    keys = ("input_ids", "position_ids", "labels", "loss_weight")
-    row = {k: torch.cat([p[k] for p in parts], dim=1) for k in keys}
-    row["sample_ids"] = torch.cat([torch.full_like(p["sample_ids"], j) for j, p in enumerate(parts)], dim=1)
-    pix = [p["pixel_values"] for p in parts if p["pixel_values"] is not None]
-    row["pixel_values"] = torch.cat(pix) if pix else None
-    row["num_samples"] = len(parts)
+def pack(parts: list[dict], family=None) -> dict:
+    """Samples laid end to end in one row by the training layout (stream.row)."""
+    family = family or _FAMILY[0]
+    row = stream_row([p["enc"] for p in parts], [p["d"] for p in parts], family)
+    row.update(num_samples=len(parts), num_bad=0)
     return row
+
+
+_FAMILY: list = []
+_PROCESSOR: list = []
+
+
+def _use(processor) -> None:
+    """The processor (and its family) the engines and rows of this launch use."""
+    _PROCESSOR[:] = [processor]
+    _FAMILY[:] = [family_of(processor)]
 
 
 def variant(one: dict, d: float = 1.0, masked: bool = False) -> dict:
     """A sample with dataset weight d(s) = d, or with every label masked (-100)."""
-    out = dict(one)
-    out["loss_weight"] = torch.full_like(one["loss_weight"], d)
+    enc = one["enc"]
     if masked:
-        out["labels"] = torch.full_like(one["labels"], X)
-    return out
+        enc = dataclasses.replace(enc, labels=[X] * len(enc.labels))
+    return {"enc": enc, "d": d}
 
 
 # The step's ten samples (catalog index, d(s), masked): images with 1 and 2 pictures and text-only
@@ -141,24 +153,25 @@ def rank_batches(parts: list[dict], world: int, acc: int, rank: int) -> list[dic
 
 
 def reference_grad(model, parts: list[dict], reduction: str) -> tuple[float, dict]:
-    """L and dL/dtheta in one process without DeepSpeed, each sample run unpacked.
+    """L and dL/dtheta in one process without DeepSpeed, each sample run unpacked through the
+    model's own forward, its labels shifted here (logits at t predict token t + 1), not by the
+    training layout.
 
     L = sum_s d(s) w(n_s) sum_t l_t / sum_s d(s) w(n_s) n_s, n_s = supervised tokens of s."""
     model.zero_grad(set_to_none=True)
     num = torch.zeros((), dtype=torch.float64)
     den = 0.0
     for p in parts:
-        labels = p["labels"][0]
-        sup = labels != X
+        enc = p["enc"]
+        targets = torch.tensor(enc.labels[1:])
+        sup = targets != X
         n = int(sup.sum())
         if n == 0:
             continue
-        d = float(p["loss_weight"][0, 0])
-        w = d * {"token": 1.0, "sample": 1.0 / n, "square": 1.0 / math.sqrt(n)}[reduction]
-        pix = p["pixel_values"]
-        logits = model(input_ids=p["input_ids"], position_ids=p["position_ids"],
-                       pixel_values=pix, use_cache=False).logits[0].float()
-        ce = F.cross_entropy(logits[sup], labels[sup], reduction="sum")
+        w = p["d"] * {"token": 1.0, "sample": 1.0 / n, "square": 1.0 / math.sqrt(n)}[reduction]
+        logits = model(input_ids=torch.tensor([enc.input_ids]), use_cache=False,
+                       **enc.vision).logits[0, :-1].float()
+        ce = F.cross_entropy(logits[sup], targets[sup], reduction="sum")
         num = num + w * ce.double()
         den += w * n
     loss = num / den
@@ -187,8 +200,9 @@ def build(base_model, recipe, world: int):
     model = copy.deepcopy(base_model)
     optimizer, rows = optim.build_optimizer(model, recipe.optim)
     sched = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
-    module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
-                        vision_every_step=world > 1)
+    fam = _FAMILY[0]
+    module = LossModule(model, fam, recipe.loss.chunk_size,
+                        blank=fam.blank(_PROCESSOR[0]) if world > 1 else None)
     eng = ds.initialize(module, optimizer, sched, recipe, world)
     return eng, model, rows
 
@@ -227,6 +241,7 @@ def compare(got: dict, ref: dict) -> dict:
 def task_grad(rank: int, world: int) -> dict:
     recipe0 = recipe_for(1, 1)
     processor = load_processor(recipe0.model)
+    _use(processor)
     samples = Samples(recipe0, processor)
     base = load_model(recipe0.model, "fp32")
     parts = step_parts(samples)
@@ -413,6 +428,7 @@ def table_groups(recipe, step: int) -> list[dict]:
 def task_optim(rank: int, world: int) -> dict:
     recipe0 = optim_recipe(1)
     processor = load_processor(recipe0.model)
+    _use(processor)
     samples = Samples(recipe0, processor)
     base = load_model(recipe0.model, "fp32")
     # one micro-batch per rank, images on both: every parameter gets a gradient
@@ -457,7 +473,7 @@ E2E_STEPS = 3
 E2E_GLOBAL_ACC = 4  # micro-batches per optimizer step over all ranks
 
 
-def task_e2e(rank: int, world: int, out: Path) -> dict:
+def task_e2e(rank: int, world: int, out: Path, extra: list[str]) -> dict:
     from vlmft.cli import app
 
     acc = E2E_GLOBAL_ACC // world
@@ -465,7 +481,7 @@ def task_e2e(rank: int, world: int, out: Path) -> dict:
     t = time.perf_counter()
     app(["train", str(DEMO), f"output_dir={dest}", f"train.max_steps={E2E_STEPS}",
          f"train.grad_accum_steps={acc}", "train.micro_batch_size=1", "engine.precision=fp32",
-         "optim.eps=1.0", "optim.weight_decay=0.0", "checkpoint.every_steps=0"],
+         "optim.eps=1.0", "optim.weight_decay=0.0", "checkpoint.every_steps=0", *extra],
         standalone_mode=False)
     return {"world": world, "acc": acc, "output_dir": str(dest), "seconds": time.perf_counter() - t}
 
@@ -483,7 +499,7 @@ def main(argv: list[str]) -> None:
     for task in tasks:
         torch.manual_seed(0)
         t = time.perf_counter()
-        results[task] = TASKS[task](rank, world, out) if task == "e2e" else TASKS[task](rank, world)
+        results[task] = TASKS[task](rank, world, out, argv[3:]) if task == "e2e" else TASKS[task](rank, world)
         results[task]["task_s"] = time.perf_counter() - t
     results["wall_s"] = time.perf_counter() - t0
     if rank == 0:

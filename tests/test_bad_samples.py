@@ -14,7 +14,7 @@ import pytest
 
 from vlmft import recipe as recipes
 from vlmft.data import catalog as catmod
-from vlmft.data import chat, images
+from vlmft.data import chat, images, tokens
 from vlmft.recipe import RecipeError
 
 from .conftest import DEMO, ROOT, vlmft
@@ -102,8 +102,8 @@ def test_truncate_keeps_an_overlong_sample_cut_at_a_text_boundary(tmp_path, proc
     assert cat.truncated_examples[0].startswith(f"{path}:{lines['too_long']}: truncated")
     ref = next(s for s in cat.samples if cat.records[s.record].where.endswith(f":{lines['too_long']}"))
     assert ref.length == 256
-    enc = chat.encode(processor, catmod.segments(processor, cat, cat.records[ref.record]))
-    cut = chat.truncate(enc, ref.length, set(chat._special_image_ids(processor)))
+    enc = tokens.encode(processor, catmod.segments(processor, cat, cat.records[ref.record]))
+    cut = tokens.truncate(enc, ref.length, tokens.image_ids(processor))
     assert len(cut.input_ids) == ref.length
     assert sum(lab != -100 for lab in cut.labels) == ref.n_supervised
 
@@ -116,10 +116,10 @@ def test_truncate_keeps_an_overlong_sample_cut_at_a_text_boundary(tmp_path, proc
 def test_truncated_plan_agrees_with_truncate(processor, q, cap, keeps):
     rec = conv(q=q, a="alpha beta gamma " * 20, image="images/001_yellow_square.png")
     segs = chat.sample_segments(processor, rec, ROOT / "demo" / "data")
-    p = chat.truncated_plan(processor, segs, 0, cap)
-    enc = chat.encode(processor, segs)
+    p = tokens.truncated_plan(processor, segs, 0, cap)
+    enc = tokens.encode(processor, segs)
     assert len(enc.input_ids) > cap
-    cut = chat.truncate(enc, cap, set(chat._special_image_ids(processor)))
+    cut = tokens.truncate(enc, cap, tokens.image_ids(processor))
     assert (p is not None) == keeps == (cut is not None)
     if keeps:
         assert p.length == len(cut.input_ids) == cap

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vlmft.data import chat
+from vlmft.data import chat, tokens
 
 from .conftest import ROOT
 
@@ -17,7 +17,7 @@ RECORDS = [json.loads(line) for line in (DATA / "train.jsonl").read_text().split
 def _encode(processor, record):
     msgs, paths = chat.messages(record, DATA)
     segs = chat.segments(processor, msgs, paths)
-    return chat.plan(processor, segs), chat.encode(processor, segs)
+    return tokens.plan(processor, segs), tokens.encode(processor, segs)
 
 
 def test_labels_are_exactly_assistant_content_and_end_of_turn(processor):
@@ -39,7 +39,7 @@ def test_labels_are_exactly_assistant_content_and_end_of_turn(processor):
             runs.append(tok.decode(cur))
             cur = []
     assert runs == ["A yellow square.<|im_end|>", "No.<|im_end|>"]
-    image_ids = set(chat._special_image_ids(processor))
+    image_ids = tokens.image_ids(processor)
     assert sum(t in image_ids for t in enc.input_ids) > 0
     assert all(lab == -100 for t, lab in zip(enc.input_ids, enc.labels) if t in image_ids)
 
@@ -56,10 +56,10 @@ def test_tiles_are_counted_apart_from_images_and_text_only_has_none(processor):
     multi = next(r for r in RECORDS if isinstance(r.get("image"), list))
     plan, enc = _encode(processor, multi)
     assert plan.num_images == 2 and plan.tiles >= 2
-    assert enc.pixel_values.shape[0] == plan.tiles
+    assert enc.vision["pixel_values"].shape[0] == plan.tiles
     text = next(r for r in RECORDS if "image" not in r)
     plan, enc = _encode(processor, text)
-    assert plan.tiles == 0 and enc.pixel_values is None  # no dummy tile
+    assert plan.tiles == 0 and not enc.vision  # no dummy tile
 
 
 def test_image_without_placeholder_goes_before_first_question(processor):

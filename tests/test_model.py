@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlmft.model import enable_gradient_checkpointing, load_model
+from vlmft.models import InternVL
 from vlmft.recipe import ModelConfig
 
 from .conftest import ROOT
@@ -28,7 +29,7 @@ def _grads(model):
 def test_gradient_checkpointing_per_tower(which, towers):
     ref = _grads(load_model(CFG).train())
     model = load_model(CFG).train()
-    assert enable_gradient_checkpointing(model, which) == towers
+    assert enable_gradient_checkpointing(model, which, InternVL()) == towers
     for name, sub in model.model.named_children():
         on = [m for m in sub.modules() if getattr(m, "gradient_checkpointing", False)]
         assert bool(on) == (name in towers), name
@@ -43,4 +44,4 @@ def test_no_tower_found_is_a_clear_error():
     model.model.vision_tower_renamed = model.model.vision_tower
     del model.model.vision_tower
     with pytest.raises(ValueError, match="no vision tower found"):
-        enable_gradient_checkpointing(model, "vision")
+        enable_gradient_checkpointing(model, "vision", InternVL())

@@ -125,12 +125,14 @@ def make_model(out: Path, corpus: list[str], seed: int = 0) -> Path:
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from .model import InternVLImageProcessor
+    from transformers import InternVLProcessor
+
+    from .models import image_only
 
     tokenizer = make_tokenizer(corpus)
     image_processor = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE},
                                                crop_to_patches=True, min_patches=1, max_patches=4)
-    processor = InternVLImageProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                        image_seq_length=IMAGE_SEQ_LENGTH, chat_template=CHAT_TEMPLATE)
     config = InternVLConfig(
         vision_config=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,

@@ -1,15 +1,18 @@
 """Load an HF vision-language model and its processor: a hub id or a local folder.
 
-The bundled demo model (``demo/model``, made by ``python -m vlmft.demo_assets``) is an ordinary
-HF folder, so the demo takes exactly the path a real InternVL or Qwen2.5-VL checkpoint takes.
+The model type (from config.json, read before any weight) picks the family adapter
+(vlmft/models/); an unsupported type is one clear line before anything heavy. The bundled demo
+model (``demo/model``, made by ``python -m vlmft.demo_assets``) is an ordinary HF folder, so the
+demo takes exactly the path a real InternVL or Qwen2.5-VL checkpoint takes.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, InternVLProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.utils import logging as transformers_logging
 
+from .models import Family, family_for
 from .recipe import ModelConfig
 
 transformers_logging.disable_progress_bar()  # "Loading weights" bars would fill our logs
@@ -17,37 +20,31 @@ transformers_logging.disable_progress_bar()  # "Loading weights" bars would fill
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class InternVLImageProcessor(InternVLProcessor):
-    """InternVL's processor without the video processor.
-
-    The stock ``InternVLProcessor`` insists on a video processor, which needs torchvision; images
-    alone need only the (pillow) image processor and the tokenizer. Saved folders name this
-    class, which ``AutoProcessor`` cannot resolve, so :func:`load_processor` builds it itself.
-    """
-
-    attributes = ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256,
-                 chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                         image_seq_length=image_seq_length, chat_template=chat_template, **kwargs)
-
-
 def load_config(cfg: ModelConfig):
     return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_processor(cfg: ModelConfig):
+def family(cfg: ModelConfig, config=None) -> Family:
+    """The model's family adapter; UnsupportedModel (one line) for an unknown model type."""
+    return family_for((config or load_config(cfg)).model_type)
+
+
+def family_problems(fam: Family, data) -> list[str]:
+    """Recipe settings (``data``: the recipe's DataConfig) this family cannot honour, one line
+    each (checked before any weight is read)."""
+    out = []
+    if data.packing.enabled and not fam.packing:
+        out.append(f"data.packing.enabled: {fam.name} models cannot be packed exactly (their linear-attention "
+                   "layers ignore sample boundaries); set data.packing.enabled=false")
+    if data.max_tiles_per_image and fam.tile_kwarg is None:
+        out.append(f"data.max_tiles_per_image: the {fam.name} family has no tile limit to set; leave it at 0")
+    return out
+
+
+def load_processor(cfg: ModelConfig, config=None):
     """The model's own processor (chat template, image tiling, image-token expansion)."""
-    proc = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    if not hasattr(proc, "image_processor"):
-        # AutoProcessor fell back to the tokenizer alone: the folder names a processor class
-        # it does not know (ours, above) or one whose extra parts are not installed.
-        if load_config(cfg).model_type != "internvl":
-            raise ValueError(f"model.name_or_path: '{cfg.name_or_path}' has no image processor "
-                             "that transformers can load; a VLM folder needs processor_config.json")
-        proc = InternVLImageProcessor.from_pretrained(cfg.name_or_path)
-    return proc
+    config = config or load_config(cfg)
+    return family(cfg, config).load_processor(cfg.name_or_path, config.model_type, cfg.trust_remote_code)
 
 
 def load_model(cfg: ModelConfig, precision: str = "fp32"):
@@ -55,27 +52,22 @@ def load_model(cfg: ModelConfig, precision: str = "fp32"):
 
     ``use_cache`` is switched off on the model and its text config: with a cache, transformers
     does not detect packed sequences from restarting position ids and samples in a row attend
-    to each other (DESIGN.md measured a 0.5 logit difference).
+    to each other (a 0.5 logit difference measured on the demo model).
     """
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code)
     disable_cache(model)
-    enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    enable_gradient_checkpointing(model, cfg.gradient_checkpointing, family(cfg, model.config))
     return model
 
 
-VISION_TOWERS = ("vision_tower", "visual", "vision_model")
-LANGUAGE_MODELS = ("language_model", "text_model")
-
-
-def enable_gradient_checkpointing(model, which: str) -> list[str]:
+def enable_gradient_checkpointing(model, which: str, fam: Family) -> list[str]:
     """Turn on activation recomputation in the vision tower, the language model or both;
     returns the submodules switched on. Non-reentrant, so frozen towers and packed rows work."""
     if which == "none":
         return []
-    wanted = {"vision": VISION_TOWERS, "language": LANGUAGE_MODELS,
-              "both": VISION_TOWERS + LANGUAGE_MODELS}[which]
+    wanted = {"vision": (fam.vision,), "language": (fam.language,), "both": (fam.vision, fam.language)}[which]
     done = []
     for name, sub in model.model.named_children():
         if name in wanted:
@@ -98,6 +90,7 @@ def meta_model(cfg: ModelConfig):
     """The model built from its config on the meta device: names and shapes, no weights, no
     memory. Enough for ``lr-table`` on a 78B config in seconds."""
     config = load_config(cfg)
+    family(cfg, config)  # an unsupported model type is refused here too
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, trust_remote_code=cfg.trust_remote_code)
     return model

@@ -23,70 +23,11 @@ from . import loss as lossmod
 from . import optim, schedule
 from .data.catalog import build_catalog
 from .data.loader import StepLoader, bad_fraction_error
+from .forward import LossModule, model_inputs, to_device
 from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
-from .model import load_model, load_processor
+from .model import family, family_problems, load_config, load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
-
-BATCH_KEYS = ("input_ids", "position_ids", "labels", "sample_ids", "loss_weight", "pixel_values")
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: forward(micro-batch) -> S_mb, the weighted CE sum (not a mean).
-
-    The HF model's own ``labels=`` loss would shift targets across packed samples and average
-    per micro-batch; we take the last hidden states and run the head in chunks instead.
-    """
-
-    def __init__(self, model: nn.Module, reduction: str, chunk_size: int, vision_every_step: bool):
-        super().__init__()
-        self.model = model
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-        # With several ranks every rank must run the vision tower in every micro-batch, images
-        # or not: ZeRO-3 gathers its parameters with a collective when it runs, and ZeRO 1/2
-        # reduce gradients in buckets that must be the same on every rank (a text-only rank
-        # measured a gloo size mismatch, 186144 vs 123456 elements). A text-only micro-batch
-        # feeds one blank tile and adds 0 x its features: exactly zero, once per micro-batch,
-        # never a dummy tile inside a sample. One process needs none of this.
-        self.vision_every_step = vision_every_step
-
-    def forward(self, input_ids, position_ids, labels, sample_ids, loss_weight, pixel_values=None,
-                n_chunks=None, weights=None):
-        """S_mb. ``weights``: the per-token c_t of :func:`vlmft.loss.token_weights` when the
-        caller has them already (train_step does: it sums them for W); else computed here."""
-        dtype = next(self.model.parameters()).dtype
-        base = self.model.model
-        blank = []
-        if pixel_values is None and self.vision_every_step:
-            # Run the blank tile exactly where images would run (after the token embeddings,
-            # before the language model), so ZeRO-3 gathers parameters in the same order on
-            # every rank and every micro-batch.
-            size = self.model.config.vision_config.image_size
-            h, w = (size, size) if isinstance(size, int) else size
-            tile = torch.zeros(1, 3, h, w, dtype=dtype, device=input_ids.device)
-            hook = base.language_model.register_forward_pre_hook(
-                lambda *_: blank.append(base.get_image_features(pixel_values=tile).pooler_output),
-                prepend=True)  # before ZeRO-3's own pre-hook records the language model
-        try:
-            out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                       pixel_values=None if pixel_values is None else pixel_values.to(dtype),
-                       use_cache=False)
-        finally:
-            if pixel_values is None and self.vision_every_step:
-                hook.remove()
-        hidden, head = out.last_hidden_state, self.model.get_output_embeddings()
-        if weights is None:
-            batch = {"labels": labels, "sample_ids": sample_ids, "loss_weight": loss_weight}
-            s = lossmod.micro_batch_sum(hidden, head, batch, self.reduction, self.chunk_size,
-                                        n_chunks=n_chunks)
-        else:
-            s = lossmod.weighted_ce_sum(hidden, head, labels.to(hidden.device),
-                                        weights.to(hidden.device), self.chunk_size, n_chunks=n_chunks)
-        for feats in blank:
-            s = s + 0.0 * feats.float().sum()
-        return s
-
 
 @dataclass
 class TrainResult:
@@ -153,10 +94,10 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     n_chunks = _agreed_chunks(batches, recipe, dev) if eng.zero_optimization_stage() == 3 else None
     s_sum = torch.zeros((), device=dev)
     pending = None
+    module = eng.module  # forward.LossModule
     for i, b in enumerate(batches):
-        inputs = {k: (b[k].to(dev) if b[k] is not None else None) for k in BATCH_KEYS}
-        s = eng(**inputs, n_chunks=None if n_chunks is None else n_chunks[i],
-                weights=weights[i].to(dev))
+        inputs = to_device(model_inputs(module.family, module.model, b), dev)
+        s = eng(inputs, weights[i].to(dev), n_chunks=None if n_chunks is None else n_chunks[i])
         ds.backward(eng, lossmod.scaled_loss(s, W, world))
         s_sum += s.detach().float()
         if i == len(batches) - 1 and dist.is_initialized() and dist.get_world_size() > 1:
@@ -217,15 +158,19 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
         for w in warnings + (refusals if force else []):
             if rank == 0:
                 print(f"vlmft: resume: {w}", file=sys.stderr)
-    processor = load_processor(recipe.model)
+    config = load_config(recipe.model)
+    fam = family(recipe.model, config)
+    problems = family_problems(fam, recipe.data)
+    if problems:
+        raise RecipeError(problems)
+    processor = load_processor(recipe.model, config)
     catalog = build_catalog(recipe, processor)  # before the weights: bad data fails fast
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)
     scheduler = schedule.scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
-    module = LossModule(model, recipe.loss.reduction, recipe.loss.chunk_size,
-                        vision_every_step=world > 1)
+    module = LossModule(model, fam, recipe.loss.chunk_size, blank=fam.blank(processor) if world > 1 else None)
     # ZeRO shards saved by another number of ranks load through DeepSpeed's universal format
     universal = bool(saved) and saved["world_size"] != world and recipe.engine.zero_stage > 0
     eng = ds.initialize(module, optimizer, scheduler, recipe, world, load_universal=universal)

@@ -21,8 +21,9 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from ..models import family_of
 from ..recipe import Recipe, RecipeError
-from . import chat, sources
+from . import chat, sources, tokens
 from .images import ImageProblem
 
 EXAMPLES_PER_REASON = 3
@@ -45,6 +46,8 @@ REASONS = {  # reason -> how to fix it (the hint of on_bad_sample=error)
                 "data.packing.overlong=truncate",
     "too_many_tiles": "raise data.packing.num_images_expected or lower data.max_tiles_per_image",
     "template": "the chat template is not prefix-stable; please report the model",
+    "no_image": "this model family (PaliGemma) takes no sample without an image; add one or drop the sample",
+    "plan_mismatch": "please report the model: its processor expanded an image differently from the plan",
 }
 
 
@@ -55,6 +58,7 @@ class SampleRef:
     length: int
     tiles: int
     n_supervised: int
+    planned: int = 0     # the encoded length before truncation (0: the same as length)
 
 
 @dataclass
@@ -120,8 +124,8 @@ def _collect(recipe, processor, cat: Catalog, workers: int, strict: bool, on_ste
             idx = start + k
             rec = records[idx]
             if isinstance(res, tuple):
-                length, tiles, n_sup, truncated = res
-                cat.samples.append(SampleRef(rec.dataset, idx, length, tiles, n_sup))
+                length, tiles, n_sup, truncated, planned = res
+                cat.samples.append(SampleRef(rec.dataset, idx, length, tiles, n_sup, planned))
                 if truncated:
                     cat.truncated += 1
                     if len(cat.truncated_examples) < EXAMPLES_PER_REASON:
@@ -144,8 +148,8 @@ def bad_sample_message(where: str, reason: str, detail: str) -> str:
 # ---------------------------------------------------------------- planning, in chunks
 
 def _plan_chunks(recipe, processor, cat: Catalog, workers: int):
-    """Yield (start, results) per chunk, in record order; a result is (length, tiles,
-    n_supervised, truncation note) or a BadSample."""
+    """Yield (start, results) per chunk, in record order; a result is plan_records' tuple or a
+    BadSample."""
     ranges = [(s, min(s + CHUNK, len(cat.records))) for s in range(0, len(cat.records), CHUNK)]
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for s, e in ranges:
@@ -182,8 +186,8 @@ def _work(span):
 
 
 def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) -> list:
-    """Plan records[start:end]: each becomes (length, tiles, n_supervised, truncation note)
-    or the BadSample that drops it."""
+    """Plan records[start:end]: each becomes (length, tiles, n_supervised, truncation note,
+    length before truncation or 0) or the BadSample that drops it."""
     packing = recipe.data.packing
     cap, tile_cap = packing.max_packed_tokens, packing.num_images_expected
     out: list = [None] * (end - start)
@@ -196,22 +200,25 @@ def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) 
             todo.append(k)
         except (chat.BadSample, ImageProblem) as exc:
             out[k] = chat.BadSample(exc.reason, exc.detail)
-    for k, (segs, mt), p in zip(todo, items, chat.plan_many(processor, items)):
+    needs_image = family_of(processor).needs_image
+    for k, (segs, mt), p in zip(todo, items, tokens.plan_many(processor, items)):
         if isinstance(p, ImageProblem):
             out[k] = chat.BadSample(p.reason, p.detail)
+        elif needs_image and p.num_images == 0:
+            out[k] = chat.BadSample("no_image", "a text-only sample; this model family needs an image per sample")
         elif p.n_supervised == 0:
             out[k] = chat.BadSample("no_supervised_tokens", "no assistant token to train on")
         elif p.length > cap and packing.overlong == "drop":
             out[k] = chat.BadSample("too_long", f"{p.length} tokens > max_packed_tokens={cap}")
-        elif p.length > cap and (t := chat.truncated_plan(processor, segs, mt, cap)) is None:
+        elif p.length > cap and (t := tokens.truncated_plan(processor, segs, mt, cap)) is None:
             out[k] = chat.BadSample("too_long", f"{p.length} tokens > max_packed_tokens={cap} and "
                                     "no cut at a text boundary after the images keeps a supervised token")
         elif tile_cap and p.tiles > tile_cap:
             out[k] = chat.BadSample("too_many_tiles", f"{p.tiles} tiles > num_images_expected={tile_cap}")
         elif p.length > cap:
-            out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens")
+            out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens", p.length)
         else:
-            out[k] = (p.length, p.tiles, p.n_supervised, "")
+            out[k] = (p.length, p.tiles, p.n_supervised, "", 0)
     return out
 
 

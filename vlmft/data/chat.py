@@ -7,15 +7,9 @@ The spans come from the template itself: for assistant turn i, the text between
 whitespace cut) is that turn's answer. This works for any prefix-stable template (ChatML as in
 InternVL and Qwen, Llama, ...) and is checked, not assumed.
 
-Each text segment is tokenized on its own (the boundaries sit after the generation prompt and
-after end-of-turn tokens, where BPE cannot merge across anyway); segments that hold images go
-through the processor, which expands each image placeholder to its image tokens.
-
-Two passes, the same segments:
-- :func:`plan` / :func:`plan_many` read image sizes from file headers and ask the processor how
-  many tokens and tiles each image becomes: the sample's length without decoding a pixel (for
-  the packer).
-- :func:`encode` decodes the images and returns the tensors; its length equals the plan's.
+The result is a list of segments (text, supervised or not, the images whose placeholders it
+holds); tokens.py turns them into token counts (the plan) and token ids (the encoding) through
+the model family's processor.
 
 Speed (planning 100k samples takes seconds, not minutes). A conversation's *shape* (roles, and
 the text/image layout of each turn) is rendered once with sentinel texts, for the full chat and
@@ -27,8 +21,6 @@ render at all. Otherwise, when the sentinels at least come out intact, each samp
 once and must equal the filled skeleton, or it takes the slow path (every prefix rendered), so
 a template that edits or inspects content is never guessed at. The compiled Jinja template is
 called directly, as ``apply_chat_template`` calls it, after checking once that both agree.
-Text is tokenized many samples at a time (:func:`plan_many`); images.py caches header sizes per
-path and image tokens and tiles per (height, width, max_tiles).
 """
 
 from __future__ import annotations
@@ -40,7 +32,6 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import images as imageio
 from .sources import PLACEHOLDER, ROLES, BadSample, turns  # noqa: F401  (re-exported)
 
 _NASTY = " \t\"'\\<&>{%#}\n"
@@ -52,23 +43,6 @@ class Segment:
     text: str
     supervised: bool
     images: list[str | Path] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    """What the packer needs, computed without decoding pixels."""
-    length: int
-    tiles: int
-    n_supervised: int
-    num_images: int
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]            # token id where supervised, -100 elsewhere (not yet shifted)
-    pixel_values: object = None  # torch tensor [tiles, 3, H, W] or None
-    tiles: int = 0
 
 
 def messages(record: dict, image_root: str | Path) -> tuple[list[dict], list[str]]:
@@ -173,7 +147,11 @@ def _fast(processor) -> _Fast:
 
 
 def _slow_render(processor, msgs, gen=False) -> str:
-    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    # ProcessorMixin's own method: SmolVLM's override reads its video processor, which an
+    # image-only processor does not have
+    from transformers.processing_utils import ProcessorMixin
+
+    return ProcessorMixin.apply_chat_template(processor, msgs, tokenize=False, add_generation_prompt=gen)
 
 
 def _sent(k: int) -> str:
@@ -299,122 +277,3 @@ def segments(processor, msgs: list[dict], paths: list[str | Path]) -> list[Segme
         full = _slow_render(processor, msgs)
         render = lambda j, gen: _slow_render(processor, msgs[:j], gen)  # noqa: E731
     return _attach(_split(full, render, [m["role"] for m in msgs]), list(paths), processor.image_token)
-
-
-# ---------------------------------------------------------------- planning
-
-def _text_ids(processor, text: str) -> list[int]:
-    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _count_tokens(processor, fast: _Fast, texts: list[str]) -> list[int]:
-    """Token count of each text, tokenized one batch at a time (deduplicated, cached)."""
-    cache = fast.text_cache
-    if len(cache) > 200_000:
-        cache.clear()
-    todo = list({t: None for t in texts if t not in cache})
-    if todo:
-        tok = processor.tokenizer
-        backend = getattr(tok, "_tokenizer", None)
-        if (hasattr(backend, "encode_batch_fast") and backend.truncation is None and backend.padding is None
-                and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
-            # what tok(todo, add_special_tokens=False) runs, minus offsets and per-row dicts
-            counts = map(len, backend.encode_batch_fast(todo, add_special_tokens=False))
-        else:
-            counts = map(len, tok(todo, add_special_tokens=False, return_attention_mask=False,
-                                  return_token_type_ids=False)["input_ids"])
-        cache.update(zip(todo, counts))
-    return [cache[t] for t in texts]
-
-
-def plan_many(processor, items: list[tuple[list[Segment], int]]) -> list[Plan | Exception]:
-    """Plans of many samples (segments, max_tiles), their text tokenized in one batch. A
-    sample whose image is bad comes back as its ImageProblem instead of a Plan."""
-    fast = _fast(processor)
-    counts = iter(_count_tokens(processor, fast, [s.text for segs, _ in items for s in segs]))
-    out = []
-    for segs, max_tiles in items:
-        length = tiles = sup = nimg = 0
-        problem = None
-        for seg in segs:
-            n = next(counts)
-            for p in seg.images:
-                try:
-                    tok, til = imageio.cost(processor, p, max_tiles)
-                except imageio.ImageProblem as exc:
-                    problem = problem or exc
-                    continue
-                n += tok - 1   # the placeholder token becomes tok tokens
-                tiles += til
-                nimg += 1
-            length += n
-            sup += n if seg.supervised else 0
-        out.append(problem or Plan(length=length, tiles=tiles, n_supervised=sup, num_images=nimg))
-    return out
-
-
-def plan(processor, segs: list[Segment], max_tiles: int = 0) -> Plan:
-    (p,) = plan_many(processor, [(segs, max_tiles)])
-    if isinstance(p, Exception):
-        raise p
-    return p
-
-
-def truncated_plan(processor, segs: list[Segment], max_tiles: int, max_len: int) -> Plan | None:
-    """The plan of the first max_len tokens, as :func:`truncate` will cut them: None when the
-    cut would fall inside or before an image span, or leave no supervised token."""
-    pos = sup = tiles = nimg = last_image = 0
-    for seg in segs:
-        n = len(_text_ids(processor, seg.text))
-        if seg.images:
-            costs = [imageio.cost(processor, p, max_tiles) for p in seg.images]
-            grow = sum(tok - 1 for tok, _ in costs)
-            head = seg.text[: seg.text.rindex(processor.image_token) + len(processor.image_token)]
-            last_image = pos + len(_text_ids(processor, head)) + grow   # one past the last image token
-            n += grow
-            tiles += sum(t for _, t in costs)
-            nimg += len(costs)
-        if seg.supervised and pos < max_len:
-            sup += min(n, max_len - pos)
-        pos += n
-    if last_image > max_len or sup == 0:
-        return None
-    return Plan(length=min(pos, max_len), tiles=tiles, n_supervised=sup, num_images=nimg)
-
-
-# ---------------------------------------------------------------- encoding
-
-def encode(processor, segs: list[Segment], max_tiles: int = 0) -> Encoded:
-    import torch
-
-    ids, labels, pixels = [], [], []
-    image_ids = set(_special_image_ids(processor))
-    for seg in segs:
-        if seg.images:
-            imgs = [imageio.load(p) for p in seg.images]
-            out = processor(text=[seg.text], images=imgs, return_tensors="pt",
-                            **imageio.processor_kwargs(processor, max_tiles))
-            seg_ids = out["input_ids"][0].tolist()
-            pixels.append(out["pixel_values"])
-        else:
-            seg_ids = _text_ids(processor, seg.text)
-        ids += seg_ids
-        labels += [t if seg.supervised and t not in image_ids else -100 for t in seg_ids]
-    pv = (pixels[0] if len(pixels) == 1 else torch.cat(pixels)) if pixels else None  # no extra copy
-    return Encoded(ids, labels, pv, 0 if pv is None else pv.shape[0])
-
-
-def _special_image_ids(processor) -> list[int]:
-    ids = getattr(processor, "image_token_ids", None)
-    if ids:
-        return list(ids)
-    return [processor.tokenizer.convert_tokens_to_ids(processor.image_token)]
-
-
-def truncate(enc: Encoded, max_len: int, image_ids: set[int]) -> Encoded | None:
-    """Keep the first max_len tokens if that cuts no image span (every image lies wholly before
-    the cut) and some supervised token remains; otherwise None (the sample is dropped)."""
-    last_image = max((i for i, t in enumerate(enc.input_ids) if t in image_ids), default=-1)
-    if last_image >= max_len or not any(lab != -100 for lab in enc.labels[:max_len]):
-        return None
-    return Encoded(enc.input_ids[:max_len], enc.labels[:max_len], enc.pixel_values, enc.tiles)

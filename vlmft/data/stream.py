@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..recipe import Recipe, RecipeError
-from . import balance, chat
+from ..models import family_of
+from . import balance, chat, tokens
 from .catalog import Catalog, SampleRef, max_tiles, segments
 from .images import ImageProblem
 from .mixture import TAG_PACKS, TAG_ROUND, Mixture, rng
@@ -247,23 +248,25 @@ class Materializer:
 
     def __init__(self, recipe: Recipe, catalog: Catalog, processor):
         self.recipe, self.catalog, self.processor = recipe, catalog, processor
-        self.image_ids = set(chat._special_image_ids(processor))
+        self.family = family_of(processor)
+        self.image_ids = tokens.image_ids(processor)
         self.bad_log: list[tuple[str, str, str]] = []
 
     def _bad(self, reason: str, where: str, detail: str) -> None:
         self.catalog.drop(reason, where, detail)
         self.bad_log.append((reason, where, detail))
 
-    def sample(self, ref: SampleRef) -> chat.Encoded | None:
+    def sample(self, ref: SampleRef) -> tokens.Encoded | None:
         rec = self.catalog.records[ref.record]
+        segs = segments(self.processor, self.catalog, rec)
+        mt = max_tiles(self.recipe, self.catalog, rec)
         try:
-            enc = chat.encode(self.processor, segments(self.processor, self.catalog, rec),
-                              max_tiles(self.recipe, self.catalog, rec))
+            enc = tokens.encode(self.processor, segs, mt, expected=ref.planned or ref.length)
         except (chat.BadSample, ImageProblem) as exc:  # e.g. a header that decodes badly
             self._bad(exc.reason, rec.where, exc.detail)
             return None
         if len(enc.input_ids) > ref.length:
-            enc = chat.truncate(enc, ref.length, self.image_ids)
+            enc = tokens.truncate(enc, ref.length, self.image_ids)
             if enc is None:
                 self._bad("too_long", rec.where, "no text boundary to truncate at")
         return enc
@@ -271,28 +274,40 @@ class Materializer:
     def micro_batch(self, packs: list[list[int]]) -> dict:
         """Packs laid end to end in one row. Labels are shifted here, per sample: labels[t] is
         the target of the prediction at t, and the last token of a sample has none."""
-        ids, pos, sid, lab, lw, pix = [], [], [], [], [], []
-        n = bad = 0
+        encs, lw = [], []
         self.bad_log = []
         for pack in packs:
             for i in pack:
                 ref = self.catalog.samples[i]
                 enc = self.sample(ref)
-                if enc is None:
-                    bad += 1
-                    continue
-                L = len(enc.input_ids)
-                ids += enc.input_ids
-                pos += range(L)
-                sid += [n] * L
-                lab += enc.labels[1:] + [IGNORE]
-                lw += [self.catalog.datasets[ref.dataset].loss_weight] * L
-                if enc.pixel_values is not None:
-                    pix.append(enc.pixel_values)
-                n += 1
-        if not ids:  # every sample of this micro-batch went bad: one pad token, weight 0,
-            ids, pos, sid, lab, lw = [self.processor.tokenizer.pad_token_id], [0], [0], [IGNORE], [0.0]
-        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)[None]  # noqa: E731
-        return {"input_ids": t(ids), "position_ids": t(pos), "sample_ids": t(sid), "labels": t(lab),
-                "loss_weight": t(lw, torch.float32),
-                "pixel_values": torch.cat(pix) if pix else None, "num_samples": n, "num_bad": bad}
+                if enc is not None:
+                    encs.append(enc)
+                    lw.append(self.catalog.datasets[ref.dataset].loss_weight)
+        n = len(encs)
+        if not encs:  # every sample of this micro-batch went bad: one pad token, weight 0
+            pad = self.processor.tokenizer.pad_token_id
+            encs, lw = [tokens.Encoded([pad], [IGNORE], token_row=[0] if self.family.token_key else None)], [0.0]
+        batch = row(encs, lw, self.family)
+        batch.update(num_samples=n, num_bad=sum(len(p) for p in packs) - n)
+        return batch
+
+
+def row(encs: list[tokens.Encoded], loss_weights: list[float], family) -> dict:
+    """Samples laid end to end in one row [1, L]: ids, labels shifted within each sample, sample
+    ids, restarting positions (packing.layout), per-token loss weights, the family's per-token
+    row and its per-image tensors joined (Family.join)."""
+    from .packing import layout
+
+    lens = [len(e.input_ids) for e in encs]
+    pos, sid, _ = layout(lens)
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)[None]  # noqa: E731
+    keys = {k for e in encs for k in e.vision}
+    vision = {k: family.join(k, [e.vision[k] for e in encs if k in e.vision]) for k in sorted(keys)}
+    return {
+        "input_ids": t([i for e in encs for i in e.input_ids]),
+        "labels": t([x for e in encs for x in e.labels[1:] + [IGNORE]]),
+        "position_ids": torch.from_numpy(pos)[None], "sample_ids": torch.from_numpy(sid)[None],
+        "loss_weight": t([w for e, w in zip(encs, loss_weights) for _ in e.input_ids], torch.float32),
+        "tokens": t([x for e in encs for x in e.token_row]) if family.token_key else None,
+        "vision": vision or None,
+    }

@@ -1,0 +1,97 @@
+"""A packed micro-batch through the model: the loss module DeepSpeed wraps, and the inputs it
+takes.
+
+    micro-batch (stream.row)  --model_inputs (host: the family's position ids, its tensors)-->
+    to_device  -->  LossModule.forward: the family's attention mask (if any), the blank vision
+    input (if the rank has no image), model.model(...), the weighted CE sum S_mb (loss.py)
+
+The HF model's own ``labels=`` loss would shift targets across packed samples and average per
+micro-batch; the last hidden states go through the head in chunks instead (loss.py). Position
+ids are computed on the host before the copy: Qwen's mRoPE rows need a pass over each sample's
+token types, cheaper there than as device syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import loss as lossmod
+from .models import Family
+from .models.base import sum_tensors
+
+
+def model_inputs(family: Family, model: nn.Module, batch: dict) -> dict:
+    """What :class:`LossModule` needs of one micro-batch, on the host: the model's keyword
+    arguments (``model``), and the labels, sample ids and per-token rows the loss and the
+    family's masks read."""
+    return {"model": family.model_inputs(model, batch), "labels": batch["labels"],
+            "sample_ids": batch["sample_ids"], "tokens": batch.get("tokens")}
+
+
+def to_device(obj, device, non_blocking: bool = False):
+    """Tensors of a nested dict moved to ``device`` (None and numbers left as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    return obj
+
+
+class LossModule(nn.Module):
+    """What DeepSpeed wraps: forward(inputs, weights) -> S_mb, the weighted CE sum (not a mean).
+
+    ``blank``: the family's vision inputs of one blank image (None with one process). With
+    several ranks every rank must run the vision tower in every micro-batch, images or not:
+    ZeRO-3 gathers its parameters with a collective when it runs, and ZeRO 1/2 reduce gradients
+    in buckets that must be the same on every rank (a text-only rank measured a gloo size
+    mismatch, 186144 vs 123456 elements). A micro-batch without images runs the blank image
+    through ``get_image_features`` and adds 0 x its outputs: exactly zero, once per micro-batch,
+    never a dummy image inside a sample.
+    """
+
+    def __init__(self, model: nn.Module, family: Family, chunk_size: int, blank: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.chunk_size = chunk_size
+        self.blank = blank
+
+    def forward(self, inputs: dict, weights: torch.Tensor, n_chunks: int | None = None) -> torch.Tensor:
+        blank = []
+        hidden = hidden_states(self.model, self.family, inputs, self.blank, blank)
+        s = lossmod.weighted_ce_sum(hidden, self.model.get_output_embeddings(), inputs["labels"].to(hidden.device),
+                                    weights.to(hidden.device), self.chunk_size, n_chunks=n_chunks)
+        for feats in blank:
+            total = sum_tensors(feats)
+            if total is not None:
+                s = s + 0.0 * total
+        return s
+
+
+def hidden_states(model: nn.Module, family: Family, inputs: dict, blank: dict | None = None,
+                  blank_out: list | None = None) -> torch.Tensor:
+    """Last hidden states [1, L, D] of a packed micro-batch (``inputs`` from :func:`model_inputs`,
+    on the model's device). With ``blank`` and no image in the row, the blank image's vision
+    outputs are appended to ``blank_out`` (see :class:`LossModule`)."""
+    base = model.model
+    kw = dict(inputs["model"])
+    dtype = next(model.parameters()).dtype
+    if kw.get("pixel_values") is not None:
+        kw["pixel_values"] = kw["pixel_values"].to(dtype)
+    device = kw["input_ids"].device
+    stub = torch.empty((*kw["input_ids"].shape, 0), dtype=dtype, device=device)
+    mask = family.attention_mask(model, inputs, stub)
+    hook = None
+    if kw.get("pixel_values") is None and blank is not None:
+        vision = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in blank.items()}
+        # Run the blank image exactly where images would run (before the language model), so
+        # ZeRO-3 gathers parameters in the same order on every rank and every micro-batch.
+        hook = getattr(base, family.language).register_forward_pre_hook(
+            lambda *_: blank_out.append(family.image_features(base, vision)),
+            prepend=True)  # before ZeRO-3's own pre-hook records the language model
+    try:
+        return base(**kw, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        if hook is not None:
+            hook.remove()
