@@ -45,6 +45,8 @@ REASONS = {  # reason -> how to fix it (the hint of on_bad_sample=error)
                 "data.packing.overlong=truncate",
     "too_many_tiles": "raise data.packing.num_images_expected or lower data.max_tiles_per_image",
     "template": "the chat template is not prefix-stable; please report the model",
+    "low_supervised_ratio": "lower data.packing.min_active_tokens_ratio, or give the sample more "
+                            "answer (gpt) text against its prompt and images",
 }
 
 
@@ -55,6 +57,7 @@ class SampleRef:
     length: int
     tiles: int
     n_supervised: int
+    num_images: int = 0  # images in the sample (data.step_balance=modality)
 
 
 @dataclass
@@ -120,8 +123,8 @@ def _collect(recipe, processor, cat: Catalog, workers: int, strict: bool, on_ste
             idx = start + k
             rec = records[idx]
             if isinstance(res, tuple):
-                length, tiles, n_sup, truncated = res
-                cat.samples.append(SampleRef(rec.dataset, idx, length, tiles, n_sup))
+                length, tiles, n_sup, truncated, nimg = res
+                cat.samples.append(SampleRef(rec.dataset, idx, length, tiles, n_sup, nimg))
                 if truncated:
                     cat.truncated += 1
                     if len(cat.truncated_examples) < EXAMPLES_PER_REASON:
@@ -182,10 +185,11 @@ def _work(span):
 
 
 def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) -> list:
-    """Plan records[start:end]: each becomes (length, tiles, n_supervised, truncation note)
-    or the BadSample that drops it."""
+    """Plan records[start:end]: each becomes (length, tiles, n_supervised, truncation note,
+    images) or the BadSample that drops it."""
     packing = recipe.data.packing
     cap, tile_cap = packing.max_packed_tokens, packing.num_images_expected
+    ratio = packing.min_active_tokens_ratio
     out: list = [None] * (end - start)
     todo, items = [], []
     for k in range(end - start):
@@ -209,9 +213,12 @@ def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) 
         elif tile_cap and p.tiles > tile_cap:
             out[k] = chat.BadSample("too_many_tiles", f"{p.tiles} tiles > num_images_expected={tile_cap}")
         elif p.length > cap:
-            out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens")
+            out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens", t.num_images)
         else:
-            out[k] = (p.length, p.tiles, p.n_supervised, "")
+            out[k] = (p.length, p.tiles, p.n_supervised, "", p.num_images)
+        if isinstance(out[k], tuple) and out[k][2] < ratio * out[k][0]:   # InternVL's check_valid
+            out[k] = chat.BadSample("low_supervised_ratio", f"{out[k][2]} of {out[k][0]} tokens "
+                                    f"supervised < min_active_tokens_ratio={ratio}")
     return out
 
 
