@@ -10,6 +10,13 @@ The same samples, in the same order, are also packed with the other strategies (
 max_packed_tokens). ``samples_per_second`` is the planning throughput (records read per
 second of ``build_catalog``).
 
+Per-rank compute: the first round of the training plan (vlmft/data/stream.py ``PackPlan``:
+mixture, shuffle, step balance or compute grouping, as ``vlmft train`` plans it) cut into
+steps of world_size x micro_batch_size x grad_accum_steps packs; per step, the most loaded
+rank's modelled compute over the mean rank's, under the recipe's deal and round-robin
+(``rank_balance``); for the recipe's deal the worst step (``rank_compute_max_over_mean``) and
+the mean over steps (``rank_compute_mean_max_over_mean``).
+
 Bad samples never stop pack-stats (``data.on_bad_sample`` is taken as ``skip``): each is
 counted under its reason with the first few ``file:line: detail``.
 

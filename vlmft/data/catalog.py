@@ -7,7 +7,9 @@ many records the chunks go to a pool of forked worker processes (``workers``), a
 results are merged in record order, so the catalog is the same whatever the worker count.
 
 Bad samples. Each is counted under its own reason, with the first few ``file:line: detail``
-kept as examples (:data:`REASONS` lists them), and never replaced by another sample. Under
+kept as examples (:data:`REASONS` lists them), and never replaced by another sample. A sample
+whose supervised tokens are below ``data.packing.min_active_tokens_ratio`` of its length
+(InternVL's check_valid) is dropped the same way, as ``low_supervised_ratio``. Under
 ``data.on_bad_sample: error`` the first one (in record order) stops the run with a
 :class:`RecipeError` that names ``file:line`` and how to fix it.
 """
