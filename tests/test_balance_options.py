@@ -150,8 +150,11 @@ def test_options_keep_the_plan_world_size_invariant_and_resumable(option):
     for k, split in [(n // 2, (2, 4)), (boundary + 3, (8, 1))]:
         state = json.loads(json.dumps(ref_plan.state_dict(k)))
         fresh = mk(split)
+        built, build = [], fresh._build
+        fresh._build = lambda c: built.append(c) or build(c)
         assert fresh.load_state_dict(state) == k
         assert [step_packs(fresh, j, split[0]) for j in steps[k:]] == ref[k:], (k, split)
+        assert min(built) == state["round"]                      # O(1): no earlier round replayed
 
 
 # ---------------------------------------------------------------- step balance
@@ -163,7 +166,7 @@ def test_interleave_follows_the_largest_deficit():
     assert interleave([[], b]) == [[7, 8]] and interleave([[], []]) == []
 
 
-def _image_share_spread(plan, cat, G, steps):
+def _image_share_spread(plan, cat, steps):
     out = []
     for k in steps:
         packs = plan.step(k, 1)
@@ -187,7 +190,7 @@ def test_step_balance_modality_holds_every_steps_image_share_within_one_pack():
     for mode in ("none", "modality"):
         plan = PackPlan(_recipe((1, G), cap=2048, step_balance=mode), cat)
         steps = range(2 * len(plan.round(0).packs) // G)                  # two rounds
-        rows = _image_share_spread(plan, cat, G, steps)
+        rows = _image_share_spread(plan, cat, steps)
         biggest = max(len(p) for c in (0, 1, 2) for p in plan.round(c).packs)
         dev = [abs(m - 0.3 * k) for m, k, _ in rows]
         spread[mode] = (max(dev) / biggest, max(abs(m / k - 0.3) for m, k, _ in rows))

@@ -132,10 +132,12 @@ class DataConfig:
     """How a step's packs are dealt to ranks and micro-batches: compute = balance the estimated
     compute (tokens + attention + vision tiles); round_robin = pack j to rank j % world."""
     attention_cost_length: int = 49152
-    """For rank_balance: the sample length L* whose attention costs as much as its linear layers
+    """For rank_balance and packing.balance_compute: the sample length L* whose attention costs as
+    much as its linear layers
     (about 12 x the LLM hidden size); a pack costs tokens + sum(L^2)/L* + tile_cost x tiles."""
     tile_cost: float = 64.0
-    """For rank_balance: the vision tower's cost of one image tile, in language-model tokens."""
+    """For rank_balance and packing.balance_compute: the vision tower's cost of one image tile,
+    in language-model tokens."""
     step_balance: str = choice("none", "none", "dataset", "modality")
     """M2-omni's step balance: every optimizer step holds each group's share of the round's
     samples to within one pack (dataset = the datasets; modality = text-only, one image,
