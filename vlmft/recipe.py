@@ -133,8 +133,8 @@ class DataConfig:
     compute (tokens + attention + vision tiles); round_robin = pack j to rank j % world."""
     attention_cost_length: int = 49152
     """For rank_balance and packing.balance_compute: the sample length L* whose attention costs as
-    much as its linear layers
-    (about 12 x the LLM hidden size); a pack costs tokens + sum(L^2)/L* + tile_cost x tiles."""
+    much as its linear layers (about 12 x the LLM hidden size); a pack costs tokens +
+    sum(L^2)/L* + tile_cost x tiles."""
     tile_cost: float = 64.0
     """For rank_balance and packing.balance_compute: the vision tower's cost of one image tile,
     in language-model tokens."""
