@@ -250,3 +250,32 @@ def test_rank_balance_is_reported_against_round_robin(in_root):
     rb = s["rank_balance"]
     assert rb["world"] == 2 and rb["per_rank"] == 2 and rb["steps"] == s["num_packs"] // 4
     assert 1.0 <= rb["balanced"]["max_over_mean"] <= rb["round_robin"]["max_over_mean"]
+
+
+def test_rank_compute_per_step_is_reported_as_training_deals_it(in_root, processor):
+    """One pack a rank, 4 ranks: the reported worst and mean slowest-rank / mean-rank compute
+    equal a hand computation over the plan's first round (cost written out here)."""
+    import dataclasses
+
+    import numpy as np
+
+    from vlmft.data.catalog import build_catalog
+    from vlmft.data.stream import PackPlan
+    from vlmft.recipe import load
+
+    r = load("recipes/demo.yaml", ["train.grad_accum_steps=1", "data.packing.balance_compute=true",
+                                   "data.attention_cost_length=256"])
+    s = ps.pack_stats(r, world_size=4)
+    cat = build_catalog(dataclasses.replace(r, data=dataclasses.replace(r.data, on_bad_sample="skip")),
+                        processor)
+    d = r.data
+    cost = lambda i: (cat.samples[i].length + cat.samples[i].length ** 2 / d.attention_cost_length  # noqa: E731
+                      + d.tile_cost * cat.samples[i].tiles)
+    packs = PackPlan(r, cat, global_batch=4).round(0).packs
+    c = np.array([sum(cost(i) for i in p) for p in packs])
+    steps = c[:len(c) // 4 * 4].reshape(-1, 4)
+    ratio = steps.max(axis=1) / steps.mean(axis=1)
+    assert s["rank_compute_max_over_mean"] == pytest.approx(ratio.max())
+    assert s["rank_compute_mean_max_over_mean"] == pytest.approx(ratio.mean())
+    assert s["rank_balance"]["steps"] == len(steps) and 1.0 <= ratio.mean() <= ratio.max()
+    json.dumps(s)

@@ -62,8 +62,9 @@ def test_every_sample_once_and_limits_hold(strategy):
             tiles = [min(t, max_tiles) for t in tiles]
         limits = Limits(cap, max_tiles)
         kw = dict(strategy=strategy, window=int(rng.integers(1, 80)), max_open=int(rng.integers(1, 9)),
-                  min_active_tokens_ratio=float(rng.choice([0.0, 0.5, 0.9])),
-                  allow_overflow=bool(trial % 2), strict_mode=bool(max_tiles and trial % 3 == 0))
+                  allow_overflow=bool(trial % 2))
+        if strategy == "best_fit" and trial % 3 == 1:
+            kw["compute"] = (float(rng.choice([50, 5000])), float(rng.choice([0, 64])))
         packs = list(pack(lengths, tiles, limits, **kw))
         _check(packs, lengths, tiles, limits)
         # numpy input and a lazy generator give the same packs as a list
@@ -105,10 +106,10 @@ def test_rejects_what_the_caller_should_have_dropped(strategy):
 def test_bad_arguments_fail_before_the_first_pack():
     with pytest.raises(ValueError, match="strategy"):
         pack([1], None, Limits(10), strategy="first_fit")
-    with pytest.raises(ValueError, match="min_active_tokens_ratio"):
-        pack([1], None, Limits(10), min_active_tokens_ratio=1.5)
-    with pytest.raises(ValueError, match="strict_mode"):
-        pack([1], None, Limits(10), strategy="internvl", strict_mode=True)
+    with pytest.raises(ValueError, match="compute balancing"):
+        pack([1], None, Limits(10), strategy="internvl", compute=(100.0, 1.0))
+    with pytest.raises(ValueError, match="compute balancing"):
+        pack([1], None, Limits(10), compute=(0.0, 1.0))
     with pytest.raises(ValueError, match="window"):
         pack([1], None, Limits(10), window=0)
     with pytest.raises(ValueError, match="max_tokens"):
@@ -152,9 +153,6 @@ def test_internvl_reproduces_packed_dataset_decisions():
     tiles = [1, 2, 1, 0, 1, 1, 3, 0]
     packs = list(pack(lengths, tiles, Limits(10, 4), strategy="internvl", max_open=2))
     assert packs == [[1, 2], [0, 3, 5], [4, 6], [7]]
-    # strict_mode changes no grouping (InternVL only pads tiles, which we never do)
-    assert list(pack(lengths, tiles, Limits(10, 4), strategy="internvl", max_open=2,
-                     strict_mode=True)) == packs
 
 
 def test_internvl_evicts_the_oldest_among_equal_tiles_and_first_fit_is_not_best_fit():
@@ -172,22 +170,14 @@ def test_internvl_allow_overflow_emits_the_last_tile_fitting_buffer_instead_of_s
     assert list(pack([6, 7, 8, 9], None, Limits(10), max_open=4, **kw)) == [[1], [2], [0], [3]]
     assert list(pack([6, 7, 4], None, Limits(10), max_open=2, **kw)) == [[0], [1], [2]]
     assert list(pack([6, 7, 4], None, Limits(10), max_open=2, strategy="internvl")) == [[0, 2], [1]]
-    # below min_active_tokens_ratio the overflow buffer stays open and the sample opens another
-    assert list(pack([6, 7, 8, 9], None, Limits(10), max_open=4, min_active_tokens_ratio=0.75,
-                     **kw)) == [[2], [0], [1], [3]]
 
 
-def test_internvl_min_active_tokens_ratio_keeps_underfilled_buffers_open():
-    base = list(pack([3, 8, 8, 2], None, Limits(10), strategy="internvl", max_open=1))
-    assert base == [[0], [1], [2, 3]]
-    kept = list(pack([3, 8, 8, 2], None, Limits(10), strategy="internvl", max_open=1,
-                     min_active_tokens_ratio=0.5))
-    assert kept == [[1], [2], [0, 3]]
-    # a buffer with exactly num_images_expected tiles but below the ratio is kept too
+def test_internvl_evicts_the_head_when_over_max_buffer_size_and_full_tile_buffers_at_once():
+    assert list(pack([3, 8, 8, 2], None, Limits(10), strategy="internvl", max_open=1)) == \
+        [[0], [1], [2, 3]]
+    # a buffer holding exactly num_images_expected tiles is emitted as soon as it does
     assert list(pack([2, 5, 3], [2, 0, 0], Limits(10, 2), strategy="internvl", max_open=4)) == \
         [[0], [1, 2]]
-    assert list(pack([2, 5, 3], [2, 0, 0], Limits(10, 2), strategy="internvl", max_open=4,
-                     min_active_tokens_ratio=0.5)) == [[0, 1], [2]]
 
 
 # ---------------------------------------------------------------- best_fit
@@ -219,17 +209,6 @@ def test_best_fit_respects_tiles():
     assert list(pack([3, 3, 4], [1, 1, 0], Limits(10, 2))) == [[0, 1, 2]]
     # with max_tiles 0 tiles are not limited
     assert list(pack([3, 3, 3], [5, 5, 5], Limits(10))) == [[0, 1, 2]]
-
-
-def test_best_fit_min_active_tokens_ratio_only_forced_at_the_end():
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(1, 1000, 5000).tolist()
-    max_open, ratio = 16, 0.95
-    packs = list(pack(lengths, None, Limits(4096), window=256, max_open=max_open,
-                      min_active_tokens_ratio=ratio))
-    _check(packs, lengths, None, Limits(4096))
-    fills = [sum(lengths[i] for i in p) / 4096 for p in packs]
-    assert min(fills[:-max_open]) >= ratio   # only the end-of-stream flush may be below
 
 
 def test_best_fit_quality_on_a_lognormal_stream():

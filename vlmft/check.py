@@ -102,7 +102,7 @@ def _packs(recipe, catalog, refs):
     cfg = recipe.data.packing
     if not cfg.enabled:
         return [[i] for i in refs]
-    limits, knobs = packer_args(cfg)
+    limits, knobs = packer_args(recipe.data)
     lengths = [catalog.samples[i].length for i in refs]
     tiles = [catalog.samples[i].tiles for i in refs]
     return [[refs[j] for j in p] for p in packing.pack(lengths, tiles, limits, strategy=cfg.strategy, **knobs)]

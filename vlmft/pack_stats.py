@@ -10,6 +10,13 @@ The same samples, in the same order, are also packed with the other strategies (
 max_packed_tokens). ``samples_per_second`` is the planning throughput (records read per
 second of ``build_catalog``).
 
+Per-rank compute: the first round of the training plan (vlmft/data/stream.py ``PackPlan``:
+mixture, shuffle, step balance or compute grouping, as ``vlmft train`` plans it) cut into
+steps of world_size x micro_batch_size x grad_accum_steps packs; per step, the most loaded
+rank's modelled compute over the mean rank's, under the recipe's deal and round-robin
+(``rank_balance``); for the recipe's deal the worst step (``rank_compute_max_over_mean``) and
+the mean over steps (``rank_compute_mean_max_over_mean``).
+
 Bad samples never stop pack-stats (``data.on_bad_sample`` is taken as ``skip``): each is
 counted under its reason with the first few ``file:line: detail``.
 
@@ -35,7 +42,7 @@ COMPARED = ("best_fit", "internvl", "next_fit")
 def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: int | None = None,
                world_size: int = 8) -> dict:
     """Plan and pack the recipe's data; return the statistics as plain JSON-able data."""
-    from .data import balance, packing
+    from .data import packing
     from .data.catalog import build_catalog
     from .data.stream import packer_args
     from .model import load_processor
@@ -52,12 +59,14 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
     order = np.random.default_rng(recipe.train.seed).permutation(len(cat.samples)).tolist()
     lengths = np.array([cat.samples[i].length for i in order], dtype=np.int64)
     tiles = np.array([cat.samples[i].tiles for i in order], dtype=np.int64)
-    limits, knobs = packer_args(cfg)
+    limits, knobs = packer_args(recipe.data)
     total = int(lengths.sum())
 
     def run(strategy: str, **kw) -> tuple[list[list[int]], float]:
         if not len(lengths):
             return [], 0.0
+        if strategy != "best_fit":
+            kw = {k: v for k, v in kw.items() if k != "compute"}
         t = time.perf_counter()
         packs = list(packing.pack(lengths, tiles, limits, strategy=strategy, **kw))
         return packs, time.perf_counter() - t
@@ -76,11 +85,7 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
 
     used = len(cat.samples)
     n = len(cat.records)
-    d, t = recipe.data, recipe.train
-    costs = balance.pack_costs(lengths, tiles, main, attention_length=d.attention_cost_length,
-                               tile_cost=d.tile_cost)
-    ranks = balance.balance_report(costs, world_size, t.micro_batch_size * t.grad_accum_steps,
-                                   t.micro_batch_size)
+    ranks = _rank_balance(recipe, cat, world_size)
     return {
         "recipe_strategy": main_strategy,
         "max_packed_tokens": cap,
@@ -105,9 +110,30 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
         "per_dataset": _per_dataset(cat),
         "strategies": strategies,
         "rank_balance": ranks,
+        "rank_compute_max_over_mean": ranks.get("max_over_mean_worst", 1.0),
+        "rank_compute_mean_max_over_mean": ranks.get("max_over_mean_mean", 1.0),
         "plan_seconds": round(plan_s, 3),
         "samples_per_second": n / plan_s if plan_s > 0 else 0.0,
     }
+
+
+def _rank_balance(recipe: Recipe, cat, world: int) -> dict:
+    """Per-rank modelled compute of the steps of the first round, as training plans and deals
+    them (vlmft/data/stream.py PackPlan: mixture, shuffle, step balance or cost grouping), for
+    the recipe's deal and round-robin; ``max_over_mean_*`` = the recipe's deal."""
+    from .data import balance
+    from .data.stream import PackPlan
+
+    t = recipe.train
+    per_rank = t.micro_batch_size * t.grad_accum_steps
+    if not cat.samples:
+        return {"world": world, "per_rank": per_rank, "steps": 0}
+    costs = PackPlan(recipe, cat, global_batch=world * per_rank).round(0).costs
+    rep = balance.balance_report(costs, world, per_rank, t.micro_batch_size)
+    deal = rep["balanced" if recipe.data.rank_balance == "compute" else "round_robin"]
+    rep["max_over_mean_worst"], rep["max_over_mean_mean"] = deal["worst"], deal["max_over_mean"]
+    rep["steps_off_median"] = balance.grouped_share(costs, world * per_rank)
+    return rep
 
 
 def _summary(packs: list[list[int]], secs: float, total: int, cap: int) -> dict:
@@ -220,9 +246,12 @@ def render(stats: dict):
     parts = [summary, strat]
     rb = s["rank_balance"]
     if rb["steps"]:
-        bal = Table(title=f"per-rank compute, {rb['world']} ranks x {rb['per_rank']} packs "
-                          f"({rb['steps']} steps; max/mean, 1.0 = even)", title_justify="left")
-        for c in ("deal", "mean", "p99", "worst"):
+        bal = Table(title=f"per-rank compute per step, first round as training plans it: "
+                          f"{rb['world']} ranks x {rb['per_rank']} packs ({rb['steps']} steps; "
+                          f"slowest rank / mean rank, 1.0 = even)", title_justify="left",
+                    caption=f"steps holding a pack off the median cost by >1%: "
+                            f"{rb['steps_off_median'] * 100:.1f}%")
+        for c in ("deal", "mean over steps", "p99", "worst step"):
             bal.add_column(c, justify="left" if c == "deal" else "right")
         for name in ("balanced", "round_robin"):
             v = rb[name]

@@ -79,13 +79,19 @@ class PackingConfig:
     num_images_expected: int = 0
     """Most image tiles in one pack (0 = no limit)."""
     allow_overflow: bool = False
-    """InternVL's knob: let a sample that does not fit start a new pack even if the open ones
-    are below min_active_tokens_ratio. Samples are never split."""
+    """strategy=internvl only (InternVL's knob): when no open pack fits a sample and at least
+    max_buffer_size // 2 are open, emit the last one with tile room and open a new pack for the
+    sample (InternVL would cut the sample into it; vlmft never splits samples)."""
     strict_mode: bool = False
-    """InternVL's knob: emit a pack only when it holds exactly num_images_expected tiles or
-    is full; no zero-padded tiles are ever added."""
+    """Refused when true: InternVL's strict_mode pads evicted packs with zero images up to
+    num_images_expected and changes no grouping; vlmft never spends compute on blank tiles."""
     min_active_tokens_ratio: float = 0.0
-    """Packs filled below this fraction of max_packed_tokens are kept open while others remain."""
+    """Sample filter, every strategy (InternVL's check_valid): a sample whose supervised tokens
+    are below this fraction of its length is not used; dropped and counted (low_supervised_ratio)."""
+    balance_compute: bool = False
+    """strategy=best_fit: aim every pack at the same modelled compute (tokens + sum L^2 /
+    attention_cost_length + tile_cost x tiles), not only full rows, and put the packs that stay
+    off the median in steps together, so that one pack a rank is balanced (Zeppelin's goal)."""
     overlong: str = choice("drop", "drop", "truncate")
     """What to do with a sample longer than max_packed_tokens: drop (counted) or truncate at a
     text boundary outside image spans, if supervised tokens remain."""
@@ -126,10 +132,25 @@ class DataConfig:
     """How a step's packs are dealt to ranks and micro-batches: compute = balance the estimated
     compute (tokens + attention + vision tiles); round_robin = pack j to rank j % world."""
     attention_cost_length: int = 49152
-    """For rank_balance: the sample length L* whose attention costs as much as its linear layers
-    (about 12 x the LLM hidden size); a pack costs tokens + sum(L^2)/L* + tile_cost x tiles."""
+    """For rank_balance and packing.balance_compute: the sample length L* whose attention costs as
+    much as its linear layers (about 12 x the LLM hidden size); a pack costs tokens +
+    sum(L^2)/L* + tile_cost x tiles."""
     tile_cost: float = 64.0
-    """For rank_balance: the vision tower's cost of one image tile, in language-model tokens."""
+    """For rank_balance and packing.balance_compute: the vision tower's cost of one image tile,
+    in language-model tokens."""
+    step_balance: str = choice("none", "none", "dataset", "modality")
+    """M2-omni's step balance: every optimizer step holds each group's share of the round's
+    samples to within one pack (dataset = the datasets; modality = text-only, one image,
+    several images); none = packs of all groups shuffled together."""
+    adaptive: str = choice("none", "none", "progress", "difficulty")
+    """Per-dataset loss weights recomputed at every evaluation (vlmft/data/adaptive.py): progress
+    (M2-omni) or difficulty (VisATB). Needs evaluation datasets (data.eval), not available yet."""
+    adaptive_floor: float = 0.5
+    """data.adaptive: lowest weight a dataset can get (weights average 1)."""
+    adaptive_cap: float = 2.0
+    """data.adaptive: highest weight a dataset can get."""
+    adaptive_smoothing: float = 0.5
+    """data.adaptive: share of the previous weights kept at each update (0 = no smoothing)."""
 
 
 @dataclass

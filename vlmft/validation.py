@@ -96,6 +96,36 @@ def check_section(raw: dict, cls: type, prefix: str, errors: list[str]):
             errors.append(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
 
 
+def _balance_checks(d, e: list[str]) -> None:
+    """InternVL's packing knobs and the balance options (data.packing.*, data.step_balance,
+    data.adaptive*): what would do nothing is refused."""
+    p = d.packing
+    if p.strict_mode:
+        e.append("data.packing.strict_mode: not supported: InternVL's strict_mode pads packs with "
+                 "zero images and changes no grouping; vlmft never pads tiles; remove it")
+    if p.allow_overflow and p.strategy != "internvl":
+        e.append(f"data.packing.allow_overflow: only used with data.packing.strategy=internvl "
+                 f"(strategy is {p.strategy})")
+    if p.balance_compute and (p.strategy != "best_fit" or not p.enabled):
+        e.append("data.packing.balance_compute: needs data.packing.strategy=best_fit and packing enabled")
+    if p.balance_compute and d.step_balance != "none":
+        e.append("data.packing.balance_compute: not combined with data.step_balance (both decide "
+                 "which packs share a step); set one of them")
+    if d.adaptive != "none":
+        e.append(f"data.adaptive: {d.adaptive} needs evaluation datasets (data.eval), which vlmft "
+                 "does not have yet; set data.adaptive=none")
+    if not 0.0 < d.adaptive_floor <= 1.0:
+        e.append(f"data.adaptive_floor: must be in (0, 1] (weights average 1), got {d.adaptive_floor}")
+    if d.adaptive_cap < 1.0:
+        e.append(f"data.adaptive_cap: must be >= 1 (weights average 1), got {d.adaptive_cap}")
+    if not 0.0 <= d.adaptive_smoothing < 1.0:
+        e.append(f"data.adaptive_smoothing: must be in [0, 1), got {d.adaptive_smoothing}")
+    if d.adaptive == "none":
+        for k, default in (("adaptive_floor", 0.5), ("adaptive_cap", 2.0), ("adaptive_smoothing", 0.5)):
+            if getattr(d, k) != default:
+                e.append(f"data.{k}: only used with data.adaptive=progress or difficulty")
+
+
 def semantic_checks(r: Recipe) -> list[str]:
     """Checks on values that are well-typed: ranges, files that must exist, combinations."""
     e = []
@@ -130,8 +160,7 @@ def semantic_checks(r: Recipe) -> list[str]:
     positive("data.packing.num_images_expected", p.num_images_expected, allow_zero=True)
     if not 0.0 <= p.min_active_tokens_ratio <= 1.0:
         e.append("data.packing.min_active_tokens_ratio: must be in [0, 1]")
-    if p.strict_mode and p.num_images_expected == 0:
-        e.append("data.packing.strict_mode: needs data.packing.num_images_expected > 0")
+    _balance_checks(r.data, e)
     if not 0.0 <= r.data.max_bad_fraction <= 1.0:
         e.append("data.max_bad_fraction: must be in [0, 1]")
     positive("data.num_workers", r.data.num_workers, allow_zero=True)

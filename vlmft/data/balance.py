@@ -21,6 +21,23 @@ when ranks synchronize every micro-batch, ZeRO-3) and each step's per-rank total
 balanced like longest-processing-time-first.
 
 ``round_robin`` is the simple deal: pack j to rank j % world, micro-batches in order.
+
+With one pack a rank (micro_batch_size x grad_accum_steps = 1) a deal can only permute whole
+packs, so the packs themselves must cost the same (``data.packing.balance_compute``): the packer
+aims every pack at the same cost (vlmft/data/compute_packing.py), and ``group_steps`` orders a
+round's packs so that the packs the packer could not bring near the round's median cost (a
+pack holding one sample of a full row costs what it costs) share steps with packs of similar
+cost:
+
+    m = the round's median pack cost; a pack is *regular* when |cost / m - 1| <= BAND (1%)
+    the round's first ``head`` packs (they complete the step the previous round began) and its
+    last (n - head) % G packs (the step the next round completes) are the regular packs
+    nearest m; the other packs, sorted by cost, are cut into blocks of G: a block of regular
+    packs only gives its packs back to a pool that is dealt, in the round's random order, into
+    steps; a block holding an outlier stays a step of similar costs; the steps are shuffled.
+
+So a step is either G regular packs in random order (max/mean <= (1 + BAND) / (1 - BAND)) or
+G neighbours in cost; the share of the second kind is what the packer keeps small.
 """
 
 from __future__ import annotations
@@ -30,6 +47,16 @@ from typing import Sequence
 import numpy as np
 
 Assignment = list[list[list[int]]]   # [rank][micro_batch] -> positions in the step's pack list
+BAND = 0.01                          # group_steps: a regular pack is within 1% of the median cost
+
+
+def sample_costs(lengths, tiles, *, attention_length: float, tile_cost: float) -> np.ndarray:
+    """Estimated cost of each sample, in token units (float64); a pack's cost is the sum."""
+    L = np.asarray(lengths, dtype=np.float64)
+    per = L + L * L / float(attention_length)
+    if tiles is not None and tile_cost:
+        per = per + float(tile_cost) * np.asarray(tiles, dtype=np.float64)
+    return per
 
 
 def pack_costs(lengths: np.ndarray, tiles: np.ndarray | None, packs: Sequence[Sequence[int]], *,
@@ -39,10 +66,8 @@ def pack_costs(lengths: np.ndarray, tiles: np.ndarray | None, packs: Sequence[Se
     if sizes.size == 0:
         return np.zeros(0)
     flat = np.fromiter((i for p in packs for i in p), dtype=np.int64, count=int(sizes.sum()))
-    L = np.asarray(lengths, dtype=np.float64)[flat]
-    per = L + L * L / float(attention_length)
-    if tiles is not None and tile_cost:
-        per = per + float(tile_cost) * np.asarray(tiles, dtype=np.float64)[flat]
+    per = sample_costs(np.asarray(lengths)[flat], None if tiles is None else np.asarray(tiles)[flat],
+                       attention_length=attention_length, tile_cost=tile_cost)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     out = np.zeros(len(packs))
     nz = sizes > 0
@@ -74,6 +99,41 @@ def assign(costs: Sequence[float], world: int, micro_batch_size: int, grad_accum
         for mb in per_rank:
             mb.sort()
     return out
+
+
+def group_steps(costs: Sequence[float], G: int, head: int, rng: np.random.Generator) -> list[int]:
+    """A round's pack order (positions into ``costs``) in which each step's G packs cost alike
+    (see the module doc); ``head`` = how many of the round's first packs complete a step the
+    previous round began. Deterministic in (costs, G, head, rng)."""
+    c = np.asarray(costs, dtype=np.float64)
+    n = len(c)
+    tail = (n - head) % G if n > head else 0
+    if n <= head or n - head - tail == 0:
+        return list(range(n))
+    m = float(np.median(c))
+    regular = np.abs(c - m) <= BAND * m
+    near = np.lexsort((np.arange(n), np.abs(c - m)))          # nearest the median first
+    edge = np.sort(near[:head + tail])                         # fragments, in the round's order
+    rest = np.setdiff1d(np.arange(n), edge)
+    rest = rest[np.lexsort((rest, c[rest]))]                   # by cost, ties by position
+    blocks = rest.reshape(-1, G)
+    mixed = regular[blocks].all(axis=1)
+    pool = np.sort(blocks[mixed].reshape(-1))                  # back in the round's random order
+    steps = [b.tolist() for b in blocks[~mixed]] + pool.reshape(-1, G).tolist()
+    order = rng.permutation(len(steps)).tolist()
+    return edge[:head].tolist() + [j for k in order for j in steps[k]] + edge[head:].tolist()
+
+
+def grouped_share(costs: Sequence[float], G: int) -> float:
+    """Share of a round's steps (consecutive G packs from position 0) holding a pack off the
+    median by more than BAND: the steps group_steps had to form by cost."""
+    c = np.asarray(costs, dtype=np.float64)
+    steps = len(c) // G
+    if not steps:
+        return 0.0
+    m = float(np.median(c))
+    off = (np.abs(c[:steps * G] - m) > BAND * m).reshape(steps, G).any(axis=1)
+    return float(off.mean())
 
 
 def round_robin(num_packs: int, world: int, micro_batch_size: int) -> Assignment:

@@ -7,7 +7,9 @@ many records the chunks go to a pool of forked worker processes (``workers``), a
 results are merged in record order, so the catalog is the same whatever the worker count.
 
 Bad samples. Each is counted under its own reason, with the first few ``file:line: detail``
-kept as examples (:data:`REASONS` lists them), and never replaced by another sample. Under
+kept as examples (:data:`REASONS` lists them), and never replaced by another sample. A sample
+whose supervised tokens are below ``data.packing.min_active_tokens_ratio`` of its length
+(InternVL's check_valid) is dropped the same way, as ``low_supervised_ratio``. Under
 ``data.on_bad_sample: error`` the first one (in record order) stops the run with a
 :class:`RecipeError` that names ``file:line`` and how to fix it.
 """
@@ -48,6 +50,8 @@ REASONS = {  # reason -> how to fix it (the hint of on_bad_sample=error)
     "template": "the chat template is not prefix-stable; please report the model",
     "no_image": "this model family (PaliGemma) takes no sample without an image; add one or drop the sample",
     "plan_mismatch": "please report the model: its processor expanded an image differently from the plan",
+    "low_supervised_ratio": "lower data.packing.min_active_tokens_ratio, or give the sample more "
+                            "answer (gpt) text against its prompt and images",
 }
 
 
@@ -59,6 +63,7 @@ class SampleRef:
     tiles: int
     n_supervised: int
     planned: int = 0     # the encoded length before truncation (0: the same as length)
+    num_images: int = 0  # images in the sample (data.step_balance=modality)
 
 
 @dataclass
@@ -124,8 +129,8 @@ def _collect(recipe, processor, cat: Catalog, workers: int, strict: bool, on_ste
             idx = start + k
             rec = records[idx]
             if isinstance(res, tuple):
-                length, tiles, n_sup, truncated, planned = res
-                cat.samples.append(SampleRef(rec.dataset, idx, length, tiles, n_sup, planned))
+                length, tiles, n_sup, truncated, planned, nimg = res
+                cat.samples.append(SampleRef(rec.dataset, idx, length, tiles, n_sup, planned, nimg))
                 if truncated:
                     cat.truncated += 1
                     if len(cat.truncated_examples) < EXAMPLES_PER_REASON:
@@ -187,9 +192,10 @@ def _work(span):
 
 def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) -> list:
     """Plan records[start:end]: each becomes (length, tiles, n_supervised, truncation note,
-    length before truncation or 0) or the BadSample that drops it."""
+    length before truncation or 0, images) or the BadSample that drops it."""
     packing = recipe.data.packing
     cap, tile_cap = packing.max_packed_tokens, packing.num_images_expected
+    ratio = packing.min_active_tokens_ratio
     out: list = [None] * (end - start)
     todo, items = [], []
     for k in range(end - start):
@@ -216,9 +222,13 @@ def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) 
         elif tile_cap and p.tiles > tile_cap:
             out[k] = chat.BadSample("too_many_tiles", f"{p.tiles} tiles > num_images_expected={tile_cap}")
         elif p.length > cap:
-            out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens", p.length)
+            out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens", p.length,
+                      t.num_images)
         else:
-            out[k] = (p.length, p.tiles, p.n_supervised, "", 0)
+            out[k] = (p.length, p.tiles, p.n_supervised, "", 0, p.num_images)
+        if isinstance(out[k], tuple) and out[k][2] < ratio * out[k][0]:   # InternVL's check_valid
+            out[k] = chat.BadSample("low_supervised_ratio", f"{out[k][2]} of {out[k][0]} tokens "
+                                    f"supervised < min_active_tokens_ratio={ratio}")
     return out
 
 

@@ -18,6 +18,17 @@ round; a downsampled large set spreads one pass over several rounds), and where 
 is one integer per dataset (its cursor). Under ``size`` with R = the catalog size each round
 is exactly one pass over every dataset: an epoch, reshuffled per (seed, epoch).
 
+Step balance (``data.step_balance``, M2-omni): the samples of a round are split into groups
+(its datasets, or its modalities: text-only, one image, several images), each group is packed
+on its own and its packs shuffled, and ``interleave`` lays the groups' packs out in one sequence,
+each time taking the next pack of the group furthest below its share (the group's samples over
+the round's samples) of the samples laid out so far. With two groups of shares p and 1 - p and
+packs of at most n samples, a group's surplus (its samples laid out minus p x all laid
+out) stays in [-p n, (1 - p) n] at every point, so ANY run of consecutive packs - a step,
+whatever its size - holds the group's share to within one pack's samples (n); the surplus is
+0 at the round's end, so a step across two rounds is held too (to the same bound when the two
+rounds' shares are equal). The sequence depends on neither the global batch nor the ranks.
+
 Pure numpy over the catalog's (dataset, length, tiles) arrays; no torch, no ranks.
 """
 
@@ -26,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 
 # Stream tags: each random stream of the plan has its own, so none shares numbers with another.
-TAG_DATASET, TAG_ROUND, TAG_PACKS = 1, 2, 3
+TAG_DATASET, TAG_ROUND, TAG_PACKS, TAG_STEPS = 1, 2, 3, 4
+MODALITIES = ("text-only", "one image", "several images")
 
 
 def rng(seed: int, tag: int, *keys: int) -> np.random.Generator:
@@ -142,3 +154,38 @@ class Mixture:
         q = self.quotas(progress)
         parts = [self.take(i, int(cursors[i]), int(q[i])) for i in range(len(q)) if q[i]]
         return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), q
+
+
+def groups(samples, mode: str) -> np.ndarray:
+    """Group id per catalog sample for ``data.step_balance``: its dataset, or its modality
+    (index into MODALITIES)."""
+    if mode == "dataset":
+        return np.fromiter((s.dataset for s in samples), dtype=np.int64, count=len(samples))
+    if mode == "modality":
+        return np.fromiter((min(s.num_images, 2) for s in samples), dtype=np.int64, count=len(samples))
+    raise ValueError(f"step_balance: {mode!r} is not one of dataset, modality")
+
+
+def interleave(packs_by_group: list[list[list[int]]]) -> list[list[int]]:
+    """The groups' packs (each group's in its given order) as one sequence that keeps every
+    group at its share of the samples laid out so far (largest deficit first, ties to the
+    lower group; see the module doc)."""
+    count = np.array([sum(len(p) for p in g) for g in packs_by_group], dtype=np.float64)
+    total = count.sum()
+    if total == 0:
+        return []
+    share = count / total
+    placed = np.zeros(len(count))
+    left = np.array([len(g) for g in packs_by_group])
+    nxt = [0] * len(count)
+    out, laid = [], 0
+    for _ in range(int(left.sum())):
+        deficit = np.where(left > 0, share * laid - placed, -np.inf)
+        g = int(np.argmax(deficit))
+        p = packs_by_group[g][nxt[g]]
+        nxt[g] += 1
+        left[g] -= 1
+        placed[g] += len(p)
+        laid += len(p)
+        out.append(p)
+    return out

@@ -22,11 +22,13 @@ best_fit (default, ours)
     pure Python. With a tile limit, samples are taken by decreasing L/max_tokens +
     t/max_tiles and only packs with t tiles left are candidates (~0.3M samples/s). With
     window >= len(stream) this is offline best-fit-decreasing (``offline_bfd``).
+    With ``compute`` (``data.packing.balance_compute``) the packs of a batch are aimed at
+    equal modelled compute as well as full rows: vlmft/data/compute_packing.py.
 
 next_fit
     Fill in stream order; when the next sample does not fit, emit and start a new pack
     (torchtune, ms-swift sequential, LLaMA-Factory v1). One open pack; ``window``,
-    ``max_open``, ``min_active_tokens_ratio``, ``allow_overflow`` do not apply.
+    ``max_open``, ``allow_overflow`` do not apply.
 
 internvl
     The grouping decisions of InternVL's ``PackedDataset`` (internvl_chat/internvl/train/
@@ -43,18 +45,10 @@ internvl
     InternVL then cuts the merged tokens at max_tokens (cutting the sample, dropping text
     up to its next image and any piece without an image) and emits the first part; we
     never split or drop: that buffer is emitted as it is and the sample opens a new one.
-    ``strict_mode``: InternVL pads the tiles of packs that do not hold exactly
-    num_images_expected with zero images; it changes no grouping decision, so here it only
-    requires max_tiles > 0 and no tile is ever padded. InternVL's ``check_valid`` ratio
-    judges split pieces, which never exist here.
-
-``min_active_tokens_ratio`` (best_fit, internvl): a pack filled below this fraction of
-max_tokens is not emitted while another choice remains: best_fit evicts the fullest packs
-only, so a pack below the ratio leaves early only when more than max_open are below it;
-internvl evicts the first buffer at or above it (the head when none is), keeps a buffer
-with exactly max_tiles tiles open while below it, and opens a new buffer instead of
-emitting a below-ratio one on overflow. At the end of the stream every open pack is
-emitted.
+    Not reproduced: InternVL's ``strict_mode`` (it pads the tiles of evicted buffers with
+    zero images up to num_images_expected and changes no grouping; vlmft never pads, so the
+    recipe refuses it) and its ``check_valid`` ratio, which here is a sample filter for every
+    strategy (``data.packing.min_active_tokens_ratio``, applied by vlmft/data/catalog.py).
 
 Every strategy lists a pack's members in increasing index order; best_fit emits the packs
 closed in a batch in stream order of their first sample.
@@ -68,6 +62,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .compute_packing import best_fit_compute
+
 STRATEGIES = ("best_fit", "next_fit", "internvl")
 
 
@@ -79,13 +75,14 @@ class Limits:
 
 def pack(lengths: Iterable[int], tiles: Iterable[int] | None, limits: Limits, *,
          strategy: str = "best_fit", window: int = 4096, max_open: int = 64,
-         min_active_tokens_ratio: float = 0.0, allow_overflow: bool = False,
-         strict_mode: bool = False) -> Iterator[list[int]]:
+         allow_overflow: bool = False, compute: tuple[float, float] | None = None) -> Iterator[list[int]]:
     """Stream: yields packs as lists of sample indices (into lengths), bounded memory
     (at most `window` pending samples and `max_open` open packs). Every index with
     lengths[i] <= max_tokens (and tiles[i] <= max_tiles when max_tiles>0) appears in exactly one
     pack; the caller has already dropped/truncated over-long samples (ValueError if not).
-    tiles may be None (no images). Arguments are checked here, before the first pack."""
+    tiles may be None (no images). ``allow_overflow`` applies to internvl only; ``compute`` =
+    (attention_cost_length, tile_cost) makes best_fit balance the packs' modelled compute
+    (vlmft/data/compute_packing.py). Arguments are checked here, before the first pack."""
     cap, max_tiles = int(limits.max_tokens), int(limits.max_tiles)
     if cap < 1 or max_tiles < 0:
         raise ValueError(f"limits: max_tokens must be >= 1 and max_tiles >= 0, got {limits}")
@@ -93,19 +90,20 @@ def pack(lengths: Iterable[int], tiles: Iterable[int] | None, limits: Limits, *,
         raise ValueError(f"strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     if window < 1 or max_open < 1:
         raise ValueError(f"window and max_open must be >= 1, got {window} and {max_open}")
-    if not 0.0 <= min_active_tokens_ratio <= 1.0:
-        raise ValueError(f"min_active_tokens_ratio must be in [0, 1], got {min_active_tokens_ratio}")
-    if strict_mode and max_tiles == 0:
-        raise ValueError("strict_mode needs limits.max_tiles > 0 (InternVL's num_images_expected)")
+    if compute is not None and (strategy != "best_fit" or min(compute) < 0 or compute[0] <= 0):
+        raise ValueError(f"compute balancing needs strategy best_fit, attention_cost_length > 0 and "
+                         f"tile_cost >= 0, got {strategy} and {compute}")
     chunks = _chunks(lengths, tiles, cap, max_tiles, window if strategy == "best_fit" else 8192)
+    if compute is not None:
+        return best_fit_compute(chunks, cap, max_tiles, max_open, attention_length=compute[0],
+                                tile_cost=compute[1])
     if strategy == "best_fit" and tiles is not None and max_tiles:
         return _best_fit_tiles(chunks, cap, max_tiles, max_open)
     if strategy == "best_fit":
         return _best_fit(chunks, cap, max_open)
     if strategy == "next_fit":
         return _next_fit(_items(chunks), cap, max_tiles)
-    return _internvl(_items(chunks), cap, max_tiles, max_open,
-                     min_active_tokens_ratio * cap, allow_overflow)
+    return _internvl(_items(chunks), cap, max_tiles, max_open, allow_overflow)
 
 
 def offline_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -326,7 +324,7 @@ def _next_fit(items, cap: int, max_tiles: int) -> Iterator[list[int]]:
 
 # ---------------------------------------------------------------- internvl
 
-def _internvl(items, cap: int, max_tiles: int, max_buffer: int, min_tokens: float,
+def _internvl(items, cap: int, max_tiles: int, max_buffer: int,
               allow_overflow: bool) -> Iterator[list[int]]:
     tile_cap = max_tiles or float("inf")
     bufs: list[list] = []    # [tokens, tiles, members], InternVL's buffer_list order
@@ -345,7 +343,7 @@ def _internvl(items, cap: int, max_tiles: int, max_buffer: int, min_tokens: floa
             b[1] += t
             b[2].append(i)
         else:
-            if over and bufs[pick][0] >= min_tokens:               # instead of split_buffer
+            if over:                                               # instead of split_buffer
                 yield bufs.pop(pick)[2]
             b = [L, t, [i]]
         if b[0] >= cap:                                            # buffer_max_len_list
@@ -353,15 +351,9 @@ def _internvl(items, cap: int, max_tiles: int, max_buffer: int, min_tokens: floa
         else:                                                      # update_buffer_list
             k = next((k for k, o in enumerate(bufs) if o[1] < b[1]), len(bufs))
             bufs.insert(k, b)
-        if max_tiles:                                              # exactly num_images_expected
-            k = 0
-            while k < len(bufs) and bufs[k][1] == max_tiles:
-                if bufs[k][0] >= min_tokens:
-                    yield bufs.pop(k)[2]
-                else:
-                    k += 1
+        while max_tiles and bufs and bufs[0][1] == max_tiles:      # exactly num_images_expected
+            yield bufs.pop(0)[2]
         while len(bufs) > max_buffer:                              # more than max_buffer_size
-            k = next((k for k, o in enumerate(bufs) if o[0] >= min_tokens), 0)
-            yield bufs.pop(k)[2]
+            yield bufs.pop(0)[2]
     for b in bufs:
         yield b[2]

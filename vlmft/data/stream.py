@@ -9,7 +9,11 @@
 The packs of step k depend only on the recipe, the seed and G, never on how G is split into
 ranks and accumulation steps: (1 rank x 4 accumulation), (2 x 2) and (4 x 1) train on the same
 packs. The packs of a round are shuffled before they are cut into steps (the packer emits them
-in an order correlated with length).
+in an order correlated with length). Two options change how a round's packs are laid out:
+``data.step_balance`` packs each group (dataset or modality) on its own and interleaves the
+groups' shuffled packs so that every step holds each group's share (mixture.interleave);
+``data.packing.balance_compute`` packs for equal compute and then orders the shuffled packs so
+that the packs off the median cost share steps (balance.group_steps, which needs G).
 
 Where the plan stands is a few integers: the round c holding step k's first pack, the global
 index of that round's first pack, and one cursor per dataset (see mixture.py). ``state_dict``
@@ -36,7 +40,7 @@ from ..models import family_of
 from . import balance, chat, tokens
 from .catalog import Catalog, SampleRef, max_tiles, segments
 from .images import ImageProblem
-from .mixture import TAG_PACKS, TAG_ROUND, Mixture, rng
+from .mixture import TAG_PACKS, TAG_ROUND, TAG_STEPS, Mixture, groups, interleave, rng
 
 IGNORE = -100
 ROUNDS_KEPT = 3
@@ -52,14 +56,17 @@ class Round:
     quotas: np.ndarray       # samples drawn per dataset
 
 
-def packer_args(cfg) -> tuple:
-    """The recipe's ``data.packing`` as ``packing.pack`` arguments: (Limits, knobs), the
-    strategy apart (pack-stats runs every strategy with the same knobs)."""
+def packer_args(data) -> tuple:
+    """The recipe's ``data`` section as ``packing.pack`` arguments: (Limits, knobs), the
+    strategy apart (pack-stats runs every strategy with the same knobs; ``compute`` is
+    best_fit's only and is left out for the others)."""
     from . import packing
 
+    cfg = data.packing
+    compute = (data.attention_cost_length, data.tile_cost) if cfg.balance_compute else None
     return packing.Limits(cfg.max_packed_tokens, cfg.num_images_expected), dict(
-        window=cfg.window, max_open=cfg.max_buffer_size, min_active_tokens_ratio=cfg.min_active_tokens_ratio,
-        allow_overflow=cfg.allow_overflow, strict_mode=cfg.strict_mode)
+        window=cfg.window, max_open=cfg.max_buffer_size, allow_overflow=cfg.allow_overflow,
+        compute=compute)
 
 
 class PackPlan:
@@ -80,6 +87,8 @@ class PackPlan:
         tiles = np.fromiter((x.tiles for x in s), dtype=np.int64, count=len(s))
         self.tiles = tiles if tiles.any() else None
         self.mix = Mixture.from_recipe(recipe, catalog)
+        mode = recipe.data.step_balance
+        self.groups = None if mode == "none" else groups(s, mode)
         self.G = global_batch
         self._bounds: dict[int, tuple[int, np.ndarray]] = {0: (0, np.zeros(len(catalog.datasets), np.int64))}
         self._rounds: dict[int, Round] = {}
@@ -122,12 +131,19 @@ class PackPlan:
         seed = self.recipe.train.seed
         samples, q = self.mix.draw(cursors, progress)
         order = samples[rng(seed, TAG_ROUND, c).permutation(len(samples))]
-        ol = order.tolist()
-        packs = [[ol[i] for i in p] for p in self._pack(order)]
-        packs = [packs[i] for i in rng(seed, TAG_PACKS, c).permutation(len(packs)).tolist()]
+        if self.groups is None:
+            packs = self._shuffled_packs(order, seed, c)
+        else:                                           # step balance: per group, interleaved
+            gid = self.groups[order]
+            packs = interleave([self._shuffled_packs(order[gid == g], seed, c, g + 1)
+                                for g in range(int(self.groups.max()) + 1)])
         d = self.recipe.data
         costs = balance.pack_costs(self.lengths, self.tiles, packs,
                                    attention_length=d.attention_cost_length, tile_cost=d.tile_cost)
+        if d.packing.balance_compute and d.packing.enabled:
+            G = self.global_batch()
+            seq = balance.group_steps(costs, G, (-start) % G, rng(seed, TAG_STEPS, c))
+            packs, costs = [packs[i] for i in seq], costs[seq]
         r = Round(c, start, packs, costs, self.mix.tau(progress), q)
         self._bounds[c + 1] = (start + len(packs), cursors + q)
         self._rounds[c] = r
@@ -144,6 +160,12 @@ class PackPlan:
                              "or call step/rank_step (which set it) first")
         return start / (self.recipe.train.max_steps * self.G)
 
+    def _shuffled_packs(self, order: np.ndarray, seed: int, c: int, *group: int) -> list[list[int]]:
+        """``order``'s samples packed (catalog indices), the packs in a seeded random order."""
+        ol = order.tolist()
+        packs = [[ol[i] for i in p] for p in self._pack(order)]
+        return [packs[i] for i in rng(seed, TAG_PACKS, c, *group).permutation(len(packs)).tolist()]
+
     def _pack(self, order: np.ndarray) -> list[list[int]]:
         """Packs as positions into ``order``."""
         cfg = self.recipe.data.packing
@@ -151,7 +173,9 @@ class PackPlan:
             return [[i] for i in range(len(order))]
         from . import packing
 
-        limits, knobs = packer_args(cfg)
+        limits, knobs = packer_args(self.recipe.data)
+        if cfg.strategy != "best_fit":
+            knobs.pop("compute")
         return list(packing.pack(self.lengths[order], None if self.tiles is None else self.tiles[order],
                                  limits, strategy=cfg.strategy, **knobs))
 
