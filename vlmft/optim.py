@@ -94,13 +94,17 @@ def group_name(index: int, group: dict) -> str:
     return f"g{index} {kind} x{group['lr_scale']:.6g}"
 
 
-def _place(name: str) -> tuple[str | None, str | None]:
+def place(name: str) -> tuple[str | None, str | None]:
     """(tower, root) for a full parameter name; (None, None) if no rule names a tower."""
     parts = name.split(".")[:-1]
     for tower, rule in _TOWER_RULES:
         for i, comp in enumerate(parts):
             if rule(comp):
                 return tower, ".".join(parts[: i + 1])
+    leaf = name.rsplit(".", 1)[-1]  # a parameter held by the model itself (LLaVA-NeXT's image_newline)
+    for tower, rule in _TOWER_RULES:
+        if rule(leaf):
+            return tower, name
     return None, None
 
 
@@ -168,7 +172,7 @@ def plan(model: nn.Module, optim: OptimConfig) -> tuple[list[ParamRow], list[dic
     errors: list[str] = []
 
     # 1. placement and layer ids
-    placed = {n: _place(n) for n, _ in named}
+    placed = {n: place(n) for n, _ in named}
     unplaced = [n for n, (t, _) in placed.items() if t is None]
     if unplaced:
         raise ValueError(f"{len(unplaced)} parameter(s) no rule can place in a tower "
