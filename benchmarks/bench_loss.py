@@ -47,6 +47,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from vlmft import engine as ds  # noqa: E402
+from vlmft.distributed import all_reduce_sum, setup_environment  # noqa: E402
+from vlmft.distributed import init as _init_distributed  # noqa: E402
 from vlmft import loss as lossmod  # noqa: E402
 from vlmft import optim, schedule  # noqa: E402
 from vlmft.data.catalog import build_catalog  # noqa: E402
@@ -108,7 +110,7 @@ def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
     weights, counts = step_counts(batches, red, device=dev)
     t_local = time.perf_counter() - t
     t = time.perf_counter()
-    counts = ds.all_reduce_sum(counts)
+    counts = all_reduce_sum(counts)
     t_comm = time.perf_counter() - t
     t = time.perf_counter()
     W = counts[0].float()
@@ -118,7 +120,7 @@ def normalization_work(batches, recipe, world, dev) -> tuple[float, float]:
         s_sum += s.detach()
     t_local += time.perf_counter() - t
     t = time.perf_counter()
-    ds.all_reduce_sum(s_sum) / W  # the logged loss: the second (and last) all-reduce of the step
+    all_reduce_sum(s_sum) / W  # the logged loss: the second (and last) all-reduce of the step
     t_comm += time.perf_counter() - t
     return t_local, t_comm
 
@@ -171,7 +173,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    rank, world = ds.init_distributed()
+    setup_environment()
+    rank, world = _init_distributed()
     recipe = load(ROOT / "recipes" / "demo.yaml", ["output_dir=/tmp/vlmft-bench-loss", *args.overrides])
     torch.manual_seed(recipe.train.seed)
     processor = load_processor(recipe.model)

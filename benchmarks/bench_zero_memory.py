@@ -25,13 +25,16 @@ def worker(stage: int, out: str) -> None:
     import torch
 
     from vlmft import engine as ds
+    from vlmft.distributed import init as _init_distributed
+    from vlmft.distributed import setup_environment
     from vlmft import optim, schedule
     from vlmft.forward import LossModule
     from vlmft.model import load_model, load_processor
     from vlmft.models import family_of
     from vlmft.recipe import load
 
-    rank, world = ds.init_distributed()
+    setup_environment()
+    rank, world = _init_distributed()
     recipe = load(ROOT / "recipes" / "demo.yaml", [f"engine.zero_stage={stage}"])
     model = load_model(recipe.model)
     opt, _ = optim.build_optimizer(model, recipe.optim)

@@ -61,3 +61,12 @@ def in_root(monkeypatch):
     """Recipes name paths relative to the repository root."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+def pytest_configure(config):
+    """``VLMFT_MUTANT=NAME``: run the session with a deliberate bug (tests/mutants.py)."""
+    name = os.environ.get("VLMFT_MUTANT")
+    if name:
+        from .mutants import apply
+
+        apply(name)

@@ -32,7 +32,7 @@ clip_grad_norm_ and of DeepSpeed). ZeRO-3 asked for through the raw ``engine.dee
 parameters bit-identical and the next step on the same engine still matches its reference.
 
 ``optim`` (issue 6): after deepspeed.initialize with ZeRO 1, 2 and 3, the optimizer's groups
-(vlmft.optim.describe_groups + DeepSpeed's own group membership) against ``lr_table`` (built on
+(tests/optim_reference.describe_groups + DeepSpeed's own group membership) against ``lr_table`` (built on
 the meta device from the config, as the CLI does) at step 0 and after one step; then every freeze
 flag, one engine each: requires_grad against the expected names, and one real training step:
 frozen weights bit-identical, every other weight changed.
@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmft import engine as ds
+from vlmft.distributed import init as _init_distributed
+from vlmft.distributed import setup_environment
 from vlmft import optim, schedule
 from vlmft.data.catalog import build_catalog
 from vlmft.data.stream import Materializer
@@ -64,6 +66,8 @@ from vlmft.model import load_model, load_processor
 from vlmft.models import family_of
 from vlmft.recipe import load
 from vlmft.train import train_step
+
+from optim_reference import describe_groups  # tests/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -306,23 +310,6 @@ def task_grad(rank: int, world: int) -> dict:
             out["clip"].append(case)
             del eng
 
-    # ZeRO-3 asked for through the raw DeepSpeed block (the recipe's engine.zero_stage says 2):
-    # train_step must still agree on lm_head calls over ranks (a gloo size mismatch before).
-    if world == 2:
-        red, acc = "square", 2
-        recipe = recipe_for(2, acc, red, extra=["engine.deepspeed.zero_optimization.stage=3"])
-        eng, model, _ = build(base, recipe, world)
-        r = train_step(eng, rank_batches(parts, world, acc, rank), recipe, world)
-        after = full_params(eng, model)
-        case = {"stage": eng.zero_optimization_stage(), "recipe_stage": recipe.engine.zero_stage,
-                "world": world, "acc": acc, "reduction": red, "loss": r.loss}
-        if rank == 0:
-            ref_loss, ref = refs[red]
-            got = {n: (before[n] - after[n]) / K for n in before}
-            case.update(compare(got, ref), ref_loss=ref_loss)
-        out["zero3_via_deepspeed_block"] = case
-        del eng
-
     # Empty step: nothing supervised on any rank -> skipped, counted, no NaN, no update; then a
     # real step on the same engine still matches its reference (its DeepSpeed state is intact).
     for stage in STAGES:
@@ -398,10 +385,10 @@ def optim_recipe(stage: int, extra=()):
 
 
 def ds_groups(eng, model) -> list[dict]:
-    """Per optimizer group: name, lr, weight_decay (vlmft.optim.describe_groups) and the member
+    """Per optimizer group: name, lr, weight_decay (describe_groups) and the member
     parameter names and numel, read from DeepSpeed's own bookkeeping."""
     opt = eng.optimizer
-    desc = optim.describe_groups(opt)
+    desc = describe_groups(opt)
     names = {id(p): n for n, p in model.named_parameters()}
     members: list[list[str]] = [[] for _ in desc]
     numel = [0 for _ in desc]
@@ -486,7 +473,51 @@ def task_e2e(rank: int, world: int, out: Path, extra: list[str]) -> dict:
     return {"world": world, "acc": acc, "output_dir": str(dest), "seconds": time.perf_counter() - t}
 
 
-TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim}
+# ------------------------------------------------------------------------------------------
+# Task: nonfinite (issue 11, the finite guard)
+
+NAN_STEP = 1  # 0-based: the second optimizer step
+
+
+def task_nonfinite(rank: int, world: int, out: Path, extra: list[str]) -> dict:
+    """Two runs of ``vlmft train`` (the Typer command) for 4 steps: in ``nan`` rank 1's hidden
+    states are NaN in step NAN_STEP (so its loss and the step's gradient are); in ``empty`` every
+    label of that step is masked on every rank (the step is skipped as empty). The test compares
+    their final weights and metrics."""
+    from vlmft import forward
+    from vlmft import train as trainmod
+    from vlmft.cli import app
+
+    real_step, real_hidden = trainmod.train_step, forward.hidden_states
+    state = {"calls": 0, "mode": None, "nan": False}
+
+    def stepper(eng, batches, recipe, world_, stop=False):
+        k = state["calls"]
+        state["calls"] += 1
+        if k == NAN_STEP and state["mode"] == "empty":
+            batches = [dict(b, labels=torch.full_like(b["labels"], X)) for b in batches]
+        state["nan"] = k == NAN_STEP and state["mode"] == "nan" and rank == 1
+        return real_step(eng, batches, recipe, world_, stop)
+
+    def hidden(*args, **kwargs):
+        h = real_hidden(*args, **kwargs)
+        return h * float("nan") if state["nan"] else h
+
+    trainmod.train_step, forward.hidden_states = stepper, hidden
+    runs = {}
+    try:
+        for mode in ("nan", "empty"):
+            state.update(calls=0, mode=mode, nan=False)
+            dest = out / f"nonfinite_{mode}"
+            app(["train", str(DEMO), f"output_dir={dest}", "train.max_steps=4", "train.grad_accum_steps=2",
+                 "engine.precision=fp32", "checkpoint.every_steps=0", *extra], standalone_mode=False)
+            runs[mode] = str(dest)
+    finally:
+        trainmod.train_step, forward.hidden_states = real_step, real_hidden
+    return {"runs": runs, "nan_step": NAN_STEP + 1}
+
+
+TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim, "nonfinite": task_nonfinite}
 
 
 def main(argv: list[str]) -> None:
@@ -494,12 +525,14 @@ def main(argv: list[str]) -> None:
     os.chdir(ROOT)  # recipes name paths relative to the repository root
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rank, world = ds.init_distributed()
+    setup_environment()
+    rank, world = _init_distributed()
     results = {}
     for task in tasks:
         torch.manual_seed(0)
         t = time.perf_counter()
-        results[task] = TASKS[task](rank, world, out, argv[3:]) if task == "e2e" else TASKS[task](rank, world)
+        fn = TASKS[task]
+        results[task] = fn(rank, world, out, argv[3:]) if task in ("e2e", "nonfinite") else fn(rank, world)
         results[task]["task_s"] = time.perf_counter() - t
     results["wall_s"] = time.perf_counter() - t0
     if rank == 0:

@@ -17,7 +17,8 @@ RECORDS = [json.loads(line) for line in (DATA / "train.jsonl").read_text().split
 def _encode(processor, record):
     msgs, paths = chat.messages(record, DATA)
     segs = chat.segments(processor, msgs, paths)
-    return tokens.plan(processor, segs), tokens.encode(processor, segs)
+    (plan,) = tokens.plan_many(processor, [(segs, 0)])
+    return plan, tokens.encode(processor, segs)
 
 
 def test_labels_are_exactly_assistant_content_and_end_of_turn(processor):

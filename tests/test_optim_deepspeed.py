@@ -5,7 +5,7 @@ tests/test_distributed_grad.py also reads: one launch for both modules.
 
 - Groups: with layer-wise decay on both towers (0.8 vision, 0.9 language), LR multipliers by glob
   (projector x10, layer scales x0.5), a ``no_decay`` glob and a 2-step warmup, after
-  ``deepspeed.initialize`` with ZeRO 1, 2 and 3 the optimizer's groups (vlmft.optim.describe_groups,
+  ``deepspeed.initialize`` with ZeRO 1, 2 and 3 the optimizer's groups (tests/optim_reference.py,
   members from DeepSpeed's own bookkeeping: ``bit16_groups`` for ZeRO 1/2, ``fp16_groups`` +
   ``sub_group_to_group_id`` for ZeRO 3) equal ``lr_table`` (built on the meta device, as the CLI
   does) row by row: name, lr, lr_scale, weight decay, member names and sizes; at step 0 and, after

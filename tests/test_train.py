@@ -19,8 +19,10 @@ def _metrics(out):
 def test_train_exports_a_folder_that_reproduces_the_trained_logits(in_root, tmp_path, processor):
     from transformers import AutoModelForImageTextToText
 
+    from vlmft.distributed import setup_environment
     from vlmft.train import train
 
+    setup_environment()
     out = tmp_path / "run"
     recipe = load(DEMO, [f"output_dir={out}", "train.max_steps=6", "engine.zero_stage=2"])
     result = train(recipe)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .loss import IGNORE_INDEX
 from .recipe import Recipe
 
 TOLERANCE = 1e-4
@@ -171,11 +172,11 @@ def _render(processor, encs: dict, catalog) -> dict:
                 j += 1
             text = processor.tokenizer.decode([ids[k]]) + (f"x{j - k}" if j - k > 1 else "")
         else:
-            sup = enc.labels[k] != -100
-            while j < len(ids) and ids[j] not in img and (enc.labels[j] != -100) == sup:
+            sup = enc.labels[k] != IGNORE_INDEX
+            while j < len(ids) and ids[j] not in img and (enc.labels[j] != IGNORE_INDEX) == sup:
                 j += 1
             text = processor.tokenizer.decode(ids[k:j])
-        sup = enc.labels[k] != -100
+        sup = enc.labels[k] != IGNORE_INDEX
         if pieces and pieces[-1][1] == sup:
             pieces[-1][0] += text
         else:

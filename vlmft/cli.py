@@ -46,7 +46,10 @@ def train(
 ):
     """Train on one process, or one per GPU under torchrun / the deepspeed launcher."""
     r = _load(recipe, overrides)
+    from .distributed import setup_environment
     from .train import train as run
+
+    setup_environment()
 
     try:
         summary = run(r, resume=resume, force=force)
@@ -148,6 +151,6 @@ def main() -> None:
         app()
     finally:
         if "torch.distributed" in sys.modules:
-            from .engine import shutdown
+            from .distributed import shutdown
 
             shutdown()

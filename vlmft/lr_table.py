@@ -8,7 +8,7 @@ and each trainable parameter's lr at ``step`` is ``optim.lr x lr_scale x lr_fact
 ``by``: ``param`` (one row per tensor), ``layer`` (one row per tower and layer id) or ``group``
 (one row per optimizer group, plus one ``frozen`` row). The ``groups`` entry of the table is the
 same in every view and is what a DeepSpeed engine's ``optimizer.param_groups`` should show
-(compare with :func:`vlmft.optim.describe_groups`: name, lr, weight_decay).
+(tests/test_optim_deepspeed.py compares them: name, lr, weight_decay).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .recipe import OptimConfig, RecipeError
+from .recipe import FreezeConfig, OptimConfig, RecipeError
 
 TOWERS = ("vision", "projector", "language", "head")
 _TOWER_RULES = (
@@ -157,54 +157,66 @@ def _suggest(pattern: str, names: list[str]) -> str:
 def plan(model: nn.Module, optim: OptimConfig) -> tuple[list[ParamRow], list[dict]]:
     """Rows for every parameter (in ``named_parameters`` order) and the optimizer groups
     ``{"names", "lr_scale", "weight_decay", "name"}``. Raises RecipeError (a ValueError) listing
-    every recipe problem, ValueError for parameters no rule can place."""
-    modules = dict(model.named_modules(remove_duplicate=False))
+    every recipe problem, ValueError for parameters no rule can place. The rules of the module
+    docstring, one function each: placement and layer ids, freezing, the rows (no-decay,
+    layer-wise decay, multipliers), the groups."""
+    named = list(model.named_parameters())
     aliases: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
-    named = list(model.named_parameters())
-    names = [a for al in aliases.values() for a in al]
-    model_nwd = set()
-    for mname, mod in modules.items():
-        fn = getattr(mod, "no_weight_decay", None)
-        if callable(fn):
-            model_nwd |= {f"{mname}.{k}" if mname else k for k in fn()}
+    towers = _Towers(named)
     errors: list[str] = []
+    frozen_by, tied_head = _freeze_rule(optim.freeze, towers, named, aliases, errors)
+    rows = _rows(model, optim, towers, named, aliases, frozen_by, tied_head, errors)
+    if errors:
+        raise RecipeError(errors, "optim")
+    groups = _groups(rows)
+    check_groups(rows, groups)
+    return rows, groups
 
-    # 1. placement and layer ids
-    placed = {n: place(n) for n, _ in named}
-    unplaced = [n for n, (t, _) in placed.items() if t is None]
-    if unplaced:
-        raise ValueError(f"{len(unplaced)} parameter(s) no rule can place in a tower "
-                         f"({'/'.join(TOWERS)}); vlmft does not know this model's layout: "
-                         + ", ".join(unplaced[:10]) + (" ..." if len(unplaced) > 10 else ""))
-    blocks: dict[str, int] = {}     # root -> number of blocks
-    first_block: dict[str, int] = {}  # root -> index (in named) of its first block parameter
-    for i, (n, _) in enumerate(named):
-        tower, root = placed[n]
-        m = _BLOCK.search(n[len(root) + 1:]) if tower in ("vision", "language") else None
-        if m:
-            blocks[root] = max(blocks.get(root, 0), int(m.group(1)) + 1)
-            first_block.setdefault(root, i)
-    tower_of = {root: tower for tower, root in placed.values()}
-    top = {"vision": 0, "language": 0}
-    for root, tower in tower_of.items():
-        if tower in top:
-            top[tower] = max(top[tower], blocks.get(root, 0) + 1)
 
-    def layer_of(i, n, tower, root):
+class _Towers:
+    """1. Placement and layer ids (see the module docstring)."""
+
+    def __init__(self, named: list):
+        self.placed = {n: place(n) for n, _ in named}
+        unplaced = [n for n, (t, _) in self.placed.items() if t is None]
+        if unplaced:
+            raise ValueError(f"{len(unplaced)} parameter(s) no rule can place in a tower "
+                             f"({'/'.join(TOWERS)}); vlmft does not know this model's layout: "
+                             + ", ".join(unplaced[:10]) + (" ..." if len(unplaced) > 10 else ""))
+        self.blocks: dict[str, int] = {}       # root -> number of blocks
+        self.first_block: dict[str, int] = {}  # root -> index (in named) of its first block parameter
+        self.count = len(named)
+        for i, (n, _) in enumerate(named):
+            tower, root = self.placed[n]
+            m = _BLOCK.search(n[len(root) + 1:]) if tower in ("vision", "language") else None
+            if m:
+                self.blocks[root] = max(self.blocks.get(root, 0), int(m.group(1)) + 1)
+                self.first_block.setdefault(root, i)
+        self.tower_of = {root: tower for tower, root in self.placed.values()}
+        self.top = {"vision": 0, "language": 0}
+        for root, tower in self.tower_of.items():
+            if tower in self.top:
+                self.top[tower] = max(self.top[tower], self.blocks.get(root, 0) + 1)
+        self.n_vision = max((nb for r, nb in self.blocks.items() if self.tower_of[r] == "vision"), default=0)
+
+    def layer_of(self, i: int, n: str) -> int:
+        tower, root = self.placed[n]
         if tower == "projector":
-            return top["vision"]
+            return self.top["vision"]
         if tower == "head":
-            return top["language"]
+            return self.top["language"]
         m = _BLOCK.search(n[len(root) + 1:])
         if m:
             return int(m.group(1)) + 1
-        return 0 if i < first_block.get(root, len(named)) else blocks.get(root, 0) + 1
+        return 0 if i < self.first_block.get(root, self.count) else self.blocks.get(root, 0) + 1
 
-    # 2. freezing
-    f = optim.freeze
-    n_vis = max((nb for r, nb in blocks.items() if tower_of[r] == "vision"), default=0)
+
+def _freeze_rule(f: FreezeConfig, towers: _Towers, named: list, aliases: dict, errors: list[str]):
+    """2. Freezing: (tower, layer id, tied) -> the flag that freezes it or None; and the ids of
+    parameters that are the (tied) output head too."""
+    n_vis = towers.n_vision
     for key, v in (("vision_first_layers", f.vision_first_layers),
                    ("vision_last_layers", f.vision_last_layers)):
         if v > n_vis:
@@ -232,16 +244,27 @@ def plan(model: nn.Module, optim: OptimConfig) -> tuple[list[ParamRow], list[dic
             return "optim.freeze.lm_head"
         return None
 
-    # 3.-5. rows
+    return frozen_by, tied_head
+
+
+def _rows(model, optim: OptimConfig, towers: _Towers, named, aliases, frozen_by, tied_head,
+          errors: list[str]) -> list[ParamRow]:
+    """3.-5. One row per parameter: frozen or not, no-decay reason, layer-wise LR, multipliers."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    model_nwd = set()
+    for mname, mod in modules.items():
+        fn = getattr(mod, "no_weight_decay", None)
+        if callable(fn):
+            model_nwd |= {f"{mname}.{k}" if mname else k for k in fn()}
     rate = {"vision": optim.layer_decay.vision, "language": optim.layer_decay.language}
     used_mult = dict.fromkeys(optim.lr_multipliers, False)
     used_nd = dict.fromkeys(optim.no_decay, False)
     rows: list[ParamRow] = []
     for i, (n, p) in enumerate(named):
-        tower, root = placed[n]
+        tower, _ = towers.placed[n]
         al = aliases[id(p)]
         owner = modules[n.rsplit(".", 1)[0]] if "." in n else model
-        lid = layer_of(i, n, tower, root)
+        lid = towers.layer_of(i, n)
         why = frozen_by(tower, lid, id(p) in tied_head)
         reasons = [f"frozen: {why}"] if why else []
         if id(p) in tied_head:
@@ -249,30 +272,28 @@ def plan(model: nn.Module, optim: OptimConfig) -> tuple[list[ParamRow], list[dic
         for pat in used_nd:
             used_nd[pat] |= any(fnmatch.fnmatchcase(a, pat) for a in al)
         nd = _no_decay_reason(n, p, owner, al, optim.no_decay, model_nwd)
-        wd = 0.0 if nd else float(optim.weight_decay)
         reasons.append(f"no decay: {nd}" if nd else "decay")
-        scale = rate[tower] ** (top[tower] - lid) if tower in rate else 1.0
+        top = towers.top.get(tower, 0)
+        scale = rate[tower] ** (top - lid) if tower in rate else 1.0
         if tower in rate and rate[tower] != 1.0:
-            reasons.append(f"layer decay {rate[tower]}^{top[tower] - lid}")
+            reasons.append(f"layer decay {rate[tower]}^{top - lid}")
         for pat, mult in optim.lr_multipliers.items():
             if any(fnmatch.fnmatchcase(a, pat) for a in al):
                 used_mult[pat] = True
                 scale *= mult
                 reasons.append(f"lr x{mult:g} ({pat})")
-        rows.append(ParamRow(n, type(owner).__name__, tuple(p.shape), p.numel(), tower, lid,
-                             float(scale), wd, why is not None, None, "; ".join(reasons)))
-    for pat, hit in used_mult.items():
-        if not hit:
-            errors.append(f"optim.lr_multipliers.{pat}: pattern matches no parameter; "
-                          + _suggest(pat, names))
-    for k, (pat, hit) in enumerate(used_nd.items()):
-        if not hit:
-            errors.append(f"optim.no_decay[{k}]: pattern '{pat}' matches no parameter; "
-                          + _suggest(pat, names))
-    if errors:
-        raise RecipeError(errors, "optim")
+        rows.append(ParamRow(n, type(owner).__name__, tuple(p.shape), p.numel(), tower, lid, float(scale),
+                             0.0 if nd else float(optim.weight_decay), why is not None, None, "; ".join(reasons)))
+    names = [a for al in aliases.values() for a in al]
+    errors += [f"optim.lr_multipliers.{pat}: pattern matches no parameter; " + _suggest(pat, names)
+               for pat, hit in used_mult.items() if not hit]
+    errors += [f"optim.no_decay[{k}]: pattern '{pat}' matches no parameter; " + _suggest(pat, names)
+               for k, (pat, hit) in enumerate(used_nd.items()) if not hit]
+    return rows
 
-    # 6. groups
+
+def _groups(rows: list[ParamRow]) -> list[dict]:
+    """6. Trainable parameters with equal (lr_scale, weight_decay) share a group, first-seen order."""
     groups: list[dict] = []
     index: dict[tuple, int] = {}
     for r in rows:
@@ -286,8 +307,7 @@ def plan(model: nn.Module, optim: OptimConfig) -> tuple[list[ParamRow], list[dic
         groups[r.group]["names"].append(r.name)
     for i, g in enumerate(groups):
         g["name"] = group_name(i, g)
-    check_groups(rows, groups)
-    return rows, groups
+    return groups
 
 
 def check_groups(rows: list[ParamRow], groups: list[dict]) -> None:
@@ -329,23 +349,3 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> tuple[torch.optim.A
     opt = torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                             weight_decay=optim.weight_decay, fused=False)
     return opt, rows
-
-
-def describe_groups(optimizer) -> list[dict]:
-    """name, lr, lr_scale, weight_decay and numel of each param group of a torch optimizer or a
-    DeepSpeed ZeRO one (``engine.optimizer``); compare with ``lr_table(...)["groups"]``.
-
-    numel: ZeRO-1/2 groups hold this rank's flat fp32 partition, so it is counted from the
-    original parameters (``bit16_groups``, one list per group). ZeRO-3 empties the groups
-    between steps and regroups parameters into sub-groups: numel is None there."""
-    groups = optimizer.param_groups
-    originals = getattr(optimizer, "bit16_groups", None)
-    if originals is None or len(originals) != len(groups):
-        originals = [g["params"] for g in groups]
-    out = []
-    for g, params in zip(groups, originals):
-        zero3 = not params or any(hasattr(p, "ds_numel") for p in params)
-        out.append({"name": g.get("name"), "lr": g["lr"], "lr_scale": g.get("lr_scale"),
-                    "weight_decay": g["weight_decay"],
-                    "numel": None if zero3 else sum(p.numel() for p in params)})
-    return out

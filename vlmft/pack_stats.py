@@ -125,7 +125,7 @@ def _rank_balance(recipe: Recipe, cat, world: int) -> dict:
     from .data.stream import PackPlan
 
     t = recipe.train
-    per_rank = t.micro_batch_size * t.grad_accum_steps
+    per_rank = t.global_batch(1)
     if not cat.samples:
         return {"world": world, "per_rank": per_rank, "steps": 0}
     costs = PackPlan(recipe, cat, global_batch=world * per_rank).round(0).costs

@@ -228,6 +228,14 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init, shuffling and mixture sampling."""
 
+    max_nonfinite_steps: int = 3
+    """Stop after this many optimizer steps in a row whose gradient norm was not finite (each is
+    skipped on every rank: no update, counted in metrics as nonfinite_steps)."""
+
+    def global_batch(self, world_size: int) -> int:
+        """Packs per optimizer step over all ranks: micro_batch_size x grad_accum_steps x world."""
+        return self.micro_batch_size * self.grad_accum_steps * world_size
+
 
 @dataclass
 class EngineConfig:

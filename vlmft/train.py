@@ -1,7 +1,13 @@
 """The training loop, top to bottom.
 
-    recipe -> distributed -> processor + model -> catalog (planned samples) -> pack plan
-           -> param groups + schedule -> DeepSpeed engine -> for each step: train_step -> export
+    train(recipe)
+      resume_point   which checkpoint to continue from, and whether the recipe may (before
+                     anything heavy: a refused resume costs nothing)
+      build          family + processor -> catalog (planned samples) -> model -> parameter
+                     groups + schedule -> DeepSpeed engine (+ checkpoint) -> step loader -> Run
+      loop           for each step: train_step -> bad-data budget -> metrics -> checkpoint
+                     cadence -> stop on a signal or on too many non-finite steps
+      finish         the final HF folder, the loss summary
 
 ``train_step`` is the one place where the loss is normalized (loss.py has the algebra).
 """
@@ -12,22 +18,26 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
 from . import engine as ds
 from . import loss as lossmod
 from . import optim, schedule
 from .data.catalog import build_catalog
 from .data.loader import StepLoader, bad_fraction_error
+from .distributed import all_reduce_sum
+from .distributed import init as init_distributed
 from .forward import LossModule, model_inputs, to_device
 from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
 from .model import family, family_problems, load_config, load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
+
 
 @dataclass
 class TrainResult:
@@ -39,6 +49,7 @@ class TrainResult:
     world_size: int
     model: nn.Module        # the trained HF model (partitioned under ZeRO-3)
     preempted: bool = False  # stopped by SIGTERM/SIGINT after saving a checkpoint
+    nonfinite_steps: int = 0  # steps skipped for a non-finite gradient norm
 
 
 @dataclass
@@ -48,8 +59,9 @@ class StepResult:
     supervised: int
     samples: int
     bad: int                # samples that failed to materialize (all ranks)
-    skipped: bool
+    skipped: bool           # nothing supervised anywhere: no update
     stop: bool = False      # some rank was signalled (SIGTERM/SIGINT): every rank saves and exits
+    nonfinite: bool = False  # the global gradient norm was not finite: no update
 
 
 def step_counts(batches: list[dict], reduction: str, stop: bool = False, device=None):
@@ -78,36 +90,55 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     L = sum S_mb / W over the whole step (loss.py derives it). Clipping sees that gradient.
     The per-token weights are computed once (for W and for each S_mb); the only other
     collective of ours is the all-reduce of the logged loss, which overlaps the optimizer step.
-    """
-    import torch.distributed as dist
 
+    Finite guard: a step whose global gradient norm is not finite (a NaN or inf loss on any
+    rank makes it so) changes no weight and no optimizer state on any rank: ZeRO 1-3 find it in
+    the norm they all-reduce for clipping and skip the update everywhere (no new collective);
+    without ZeRO the gradients are already averaged after the last backward, so every rank sees
+    the same non-finite value and drops them before the step. The LR schedule moves on, as for
+    an empty step.
+    """
     dev = eng.device
-    red = recipe.loss.reduction
-    weights, counts = step_counts(batches, red, stop, dev)
-    counts = ds.all_reduce_sum(counts)  # the step's one collective before the first backward
+    weights, counts = step_counts(batches, recipe.loss.reduction, stop, dev)
+    counts = all_reduce_sum(counts)  # the step's one collective before the first backward
     W = counts[0].float()
     tokens, supervised, samples, bad, stops = (int(x) for x in counts[1:].tolist())
     if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
         eng.lr_scheduler.step()
         return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True, stop=stops > 0)
-    # The engine's own stage: ZeRO-3 may also come from engine.deepspeed.zero_optimization.
-    n_chunks = _agreed_chunks(batches, recipe, dev) if eng.zero_optimization_stage() == 3 else None
+    zero3 = recipe.engine.zero_stage == 3
+    n_chunks = _agreed_chunks(batches, recipe, dev) if zero3 else None
     s_sum = torch.zeros((), device=dev)
-    pending = None
+    pending, applied = None, True
     module = eng.module  # forward.LossModule
     for i, b in enumerate(batches):
         inputs = to_device(model_inputs(module.family, module.model, b), dev)
         s = eng(inputs, weights[i].to(dev), n_chunks=None if n_chunks is None else n_chunks[i])
         ds.backward(eng, lossmod.scaled_loss(s, W, world))
         s_sum += s.detach().float()
-        if i == len(batches) - 1 and dist.is_initialized() and dist.get_world_size() > 1:
-            # the logged L = sum of S over ranks / W: summed while DeepSpeed steps
+        last = i == len(batches) - 1
+        if last and world > 1:  # the logged L = sum of S over ranks / W: summed while DeepSpeed steps
+            import torch.distributed as dist
+
             pending = dist.all_reduce(s_sum, op=dist.ReduceOp.SUM, async_op=True)
-        eng.step()
+        if last and recipe.engine.zero_stage == 0 and not _grads_finite(module.model):
+            module.model.zero_grad(set_to_none=True)  # the optimizer then updates nothing
+            eng.step()
+            applied = False
+        else:
+            eng.step()
+            applied = eng.was_step_applied() if last else True
     if pending is not None:
         pending.wait()
+    if not applied:
+        eng.lr_scheduler.step()  # ZeRO's skip leaves the schedule behind; an empty step moves it
     loss = s_sum / W
-    return StepResult(float(loss), tokens, supervised, samples, bad, skipped=False, stop=stops > 0)
+    return StepResult(float(loss), tokens, supervised, samples, bad, skipped=not applied, stop=stops > 0,
+                      nonfinite=not applied)
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
 def _agreed_chunks(batches: list[dict], recipe: Recipe, device=None) -> list[int]:
@@ -143,14 +174,52 @@ class _Preemption:
             signal.signal(sig, old)
 
 
+# ------------------------------------------------------------------------------------------
+# train(): resume_point -> build -> loop -> finish
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by :func:`build`."""
+    recipe: Recipe
+    rank: int
+    world: int
+    out: Path
+    processor: object
+    catalog: object
+    model: nn.Module
+    optimizer: object
+    eng: object
+    loader: StepLoader
+    metrics: Metrics
+    start: int
+    resumed_from: Path | None
+    step: int = 0
+    skipped: int = 0
+    nonfinite: int = 0           # steps with a non-finite gradient norm, in all
+    nonfinite_run: int = 0       # ... in a row, up to now
+    bad: int = 0                 # samples that failed to materialize (all ranks)
+    seen: int = 0                # samples read (good and bad, all ranks)
+    preempted: bool = False
+    losses: list = field(default_factory=list)
+
+
 def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> TrainResult:
-    rank, world = ds.init_distributed()
+    rank, world = init_distributed()
     torch.manual_seed(recipe.train.seed)
-    out = Path(recipe.output_dir)
-    ckpt_dir = out / "checkpoints"
-    resume_from = ds.resolve_resume(ckpt_dir, resume) if resume else None
-    saved = ds.saved_state(resume_from) if resume_from else None
-    if saved:  # before anything heavy: a refused resume costs nothing
+    resume_from, saved = resume_point(recipe, resume, force, rank, world)
+    run = build(recipe, rank, world, resume_from, saved)
+    loop(run)
+    return finish(run)
+
+
+def resume_point(recipe: Recipe, resume: str | None, force: bool, rank: int, world: int):
+    """(checkpoint folder or None, its vlmft state or None); RecipeError when the recipe
+    changed in ways that break exactness (unless ``force``)."""
+    ckpt_dir = Path(recipe.output_dir) / "checkpoints"
+    resume_from = ckpt.resolve_resume(ckpt_dir, resume) if resume else None
+    saved = ckpt.saved_state(resume_from) if resume_from else None
+    if saved:
         warnings, refusals = compare(saved["recipe"], to_dict(recipe), saved["world_size"], world)
         if refusals and not force:
             raise RecipeError([f"resume from {resume_from}: {r}" for r in refusals]
@@ -158,6 +227,10 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
         for w in warnings + (refusals if force else []):
             if rank == 0:
                 print(f"vlmft: resume: {w}", file=sys.stderr)
+    return resume_from, saved
+
+
+def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     config = load_config(recipe.model)
     fam = family(recipe.model, config)
     problems = family_problems(fam, recipe.data)
@@ -174,78 +247,109 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     # ZeRO shards saved by another number of ranks load through DeepSpeed's universal format
     universal = bool(saved) and saved["world_size"] != world and recipe.engine.zero_stage > 0
     eng = ds.initialize(module, optimizer, scheduler, recipe, world, load_universal=universal)
-
     start, stream_state = 0, None
     if saved:
-        ds.load(eng, resume_from, universal=universal)
+        ckpt.load(eng, resume_from, universal=universal)
         stream_state, start = saved["stream"], int(saved["step"])
+    out = Path(recipe.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
+    loader = StepLoader(recipe, catalog, processor, rank, world, start_step=start)
+    if stream_state:
+        loader.load_state_dict(stream_state)  # O(1): no replay of earlier steps
     metrics = Metrics(recipe.output_dir, recipe.train.max_steps, start, rank, recipe.log.tensorboard)
     metrics.print(f"vlmft: {world} rank(s), {len(catalog.samples)} samples "
                   f"({sum(catalog.dropped.values())} dropped), zero stage {recipe.engine.zero_stage}, "
                   f"{recipe.engine.precision}, steps {start + 1}..{recipe.train.max_steps}"
                   + (f", resumed from {resume_from}" if resume_from else ""))
+    return Run(recipe, rank, world, out, processor, catalog, model, optimizer, eng, loader, metrics,
+               start, resume_from, step=start)
+
+
+def loop(run: Run) -> None:
+    recipe, preempt = run.recipe, _Preemption()
+    t0 = time.perf_counter()
+    try:
+        for step, batches, t_data in run.loader:
+            r = train_step(run.eng, batches, recipe, run.world, stop=preempt.flag)
+            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            run.step = step + 1
+            _account(run, r)
+            if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps or _stop(run):
+                run.metrics.log(_row(run, r, batches, dt, t_data))
+            if _stop(run):
+                raise RecipeError([_stop(run)])
+            run.preempted = r.stop
+            every = recipe.checkpoint.every_steps
+            if run.preempted or (every and run.step % every == 0 and run.step < recipe.train.max_steps):
+                ckpt.save(run.eng, run.out / "checkpoints", run.step, recipe.checkpoint.keep_last,
+                          {"step": run.step, "stream": run.loader.state_dict(), "recipe": to_dict(recipe),
+                           "world_size": run.world})
+            if run.preempted:
+                run.metrics.print(f"vlmft: signal received; saved {run.out}/checkpoints/step{run.step}, "
+                                  "exiting (continue with --resume auto)")
+                break
+    finally:
+        preempt.restore()
+        run.metrics.close()
+
+
+def _account(run: Run, r: StepResult) -> None:
+    """Counters after a step (global counts: every rank holds the same)."""
+    run.skipped += r.skipped and not r.nonfinite
+    run.nonfinite += r.nonfinite
+    run.nonfinite_run = run.nonfinite_run + 1 if r.nonfinite else 0
+    run.bad, run.seen = run.bad + r.bad, run.seen + r.samples + r.bad
+    run.losses.append(r.loss)
+
+
+def _stop(run: Run) -> str | None:
+    """Why the run must stop now (every rank decides alike), or None."""
+    msg = bad_fraction_error(run.bad, run.seen, run.recipe.data.max_bad_fraction, examples=run.catalog.examples)
+    if msg:
+        return msg
+    limit = run.recipe.train.max_nonfinite_steps
+    if run.nonfinite_run >= limit:
+        return (f"step {run.step}: the gradient norm was not finite in {limit} steps in a row "
+                f"(train.max_nonfinite_steps={limit}); no update was made in them and nothing new was "
+                "saved. Lower optim.lr, check the data, or resume from the last checkpoint")
+    return None
+
+
+def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float) -> dict:
+    """One metrics.jsonl object (MFU of this rank: its own tokens against its own device's peak)."""
+    recipe, model = run.recipe, run.model
     text = getattr(model.config, "text_config", model.config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    preempt = _Preemption()
-    skipped, step, preempted, bad, seen = 0, start, False, 0, 0
-    losses = []
+    local = sum(b["input_ids"].numel() for b in batches)
+    flops = model_flops(trainable, local, sum_sq_lengths(batches), text.num_hidden_layers, text.hidden_size)
+    factor = schedule.lr_factor(run.step - 1, recipe.schedule, recipe.train.max_steps)
     cap = recipe.data.packing.max_packed_tokens
-    loader = StepLoader(recipe, catalog, processor, rank, world, start_step=start)
-    if stream_state:
-        loader.load_state_dict(stream_state)  # O(1): no replay of earlier steps
-    t0 = time.perf_counter()
-    for step, batches, t_data in loader:
-        r = train_step(eng, batches, recipe, world, stop=preempt.flag)
-        skipped += r.skipped
-        bad, seen = bad + r.bad, seen + r.samples + r.bad  # global sums: every rank decides alike
-        msg = bad_fraction_error(bad, seen, recipe.data.max_bad_fraction, examples=catalog.examples)
-        if msg:
-            raise RecipeError([msg])
-        dt = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        losses.append(r.loss)
-        packs = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world
-        if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps:
-            # MFU of this rank: its own tokens against its own device's peak
-            local = sum(b["input_ids"].numel() for b in batches)
-            flops = model_flops(trainable, local, sum_sq_lengths(batches), text.num_hidden_layers,
-                                text.hidden_size)
-            factor = schedule.lr_factor(step, recipe.schedule, recipe.train.max_steps)
-            metrics.log({
-                "step": step + 1, "loss": r.loss, "lr": recipe.optim.lr * factor,
-                "grad_norm": _grad_norm(eng), "tokens": r.tokens, "supervised_tokens": r.supervised,
-                "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
-                "samples_per_s": r.samples / dt, "fill": r.tokens / (packs * cap),
-                "data_wait_s": t_data, "step_time_s": dt, "peak_memory_gb": _peak_memory_gb(),
-                "mfu": flops / dt / peak if peak else None,
-                # the LR each group used in this step (the scheduler has already moved on)
-                "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in optimizer.param_groups},
-                "bad_samples": bad, "skipped_steps": skipped})
-        done = step + 1
-        every = recipe.checkpoint.every_steps
-        preempted = r.stop
-        if preempted or (every and done % every == 0 and done < recipe.train.max_steps):
-            ds.save(eng, ckpt_dir, done, recipe.checkpoint.keep_last,
-                    {"step": done, "stream": loader.state_dict(), "recipe": to_dict(recipe), "world_size": world})
-        if preempted:
-            metrics.print(f"vlmft: signal received; saved {ckpt_dir}/step{done}, exiting "
-                          f"(continue with --resume auto)")
-            break
-    preempt.restore()
-    metrics.close()
-    final = out / "final"
-    if not preempted:
-        ds.export(eng, processor, str(final))
-        if len(losses) >= 20:
-            head, tail = _mean(losses[:10]), _mean(losses[-10:])
-            metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")
-    return TrainResult(final=str(final), steps=step + 1 if recipe.train.max_steps > start else start,
-                       skipped_steps=skipped, dropped=dict(catalog.dropped), rank=rank,
-                       world_size=world, model=model, preempted=preempted)
+    return {
+        "step": run.step, "loss": r.loss, "lr": recipe.optim.lr * factor,
+        "grad_norm": _grad_norm(run.eng), "tokens": r.tokens, "supervised_tokens": r.supervised,
+        "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
+        "samples_per_s": r.samples / dt, "fill": r.tokens / (recipe.train.global_batch(run.world) * cap),
+        "data_wait_s": t_data, "step_time_s": dt, "peak_memory_gb": _peak_memory_gb(),
+        "mfu": flops / dt / peak if peak else None,
+        # the LR each group used in this step (the scheduler has already moved on)
+        "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in run.optimizer.param_groups},
+        "bad_samples": run.bad, "skipped_steps": run.skipped, "nonfinite_steps": run.nonfinite}
+
+
+def finish(run: Run) -> TrainResult:
+    final = run.out / "final"
+    if not run.preempted:
+        ckpt.export(run.eng, run.model, run.processor, str(final))
+        if len(run.losses) >= 20:
+            head, tail = _mean(run.losses[:10]), _mean(run.losses[-10:])
+            run.metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")
+    steps = run.step if run.recipe.train.max_steps > run.start else run.start
+    return TrainResult(final=str(final), steps=steps, skipped_steps=run.skipped,
+                       dropped=dict(run.catalog.dropped), rank=run.rank, world_size=run.world,
+                       model=run.model, preempted=run.preempted, nonfinite_steps=run.nonfinite)
 
 
 def _mean(xs: list[float]) -> float:
@@ -267,4 +371,3 @@ def _grad_norm(eng) -> float:
         return float("nan")
     g = float(g)
     return g if math.isfinite(g) else float("nan")
-

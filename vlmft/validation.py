@@ -199,6 +199,7 @@ def semantic_checks(r: Recipe) -> list[str]:
     positive("train.max_steps", r.train.max_steps)
     positive("train.micro_batch_size", r.train.micro_batch_size)
     positive("train.grad_accum_steps", r.train.grad_accum_steps)
+    positive("train.max_nonfinite_steps", r.train.max_nonfinite_steps)
     positive("engine.gradient_clipping", r.engine.gradient_clipping, allow_zero=True)
     if r.engine.offload_params and r.engine.zero_stage != 3:
         e.append("engine.offload_params: needs engine.zero_stage=3")
@@ -208,6 +209,9 @@ def semantic_checks(r: Recipe) -> list[str]:
         if k in r.engine.deepspeed:
             e.append(f"engine.deepspeed.{k}: vlmft builds the {k} itself (parameter groups with "
                      f"no-decay and layer-wise LR); remove this block and use optim.* / schedule.*")
+    if "stage" in (r.engine.deepspeed.get("zero_optimization") or {}):
+        e.append("engine.deepspeed.zero_optimization.stage: set by vlmft from engine.zero_stage; remove it "
+                 "and use engine.zero_stage")
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if k in r.engine.deepspeed:
             e.append(f"engine.deepspeed.{k}: set by vlmft from train.*; remove it and use "

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 from ..recipe import Recipe, RecipeError
+from ..loss import IGNORE_INDEX
 from ..models import family_of
 from . import balance, chat, tokens
 from .catalog import Catalog, SampleRef, max_tiles, segments
 from .images import ImageProblem
 from .mixture import TAG_PACKS, TAG_ROUND, TAG_STEPS, Mixture, groups, interleave, rng
 
-IGNORE = -100
 ROUNDS_KEPT = 3
 
 
@@ -104,7 +104,7 @@ class PackPlan:
                 raise ValueError("this plan's global batch is not known yet: pass global_batch to "
                                  "PackPlan, or world to step/rank_step")
             return self.G
-        g = t.micro_batch_size * t.grad_accum_steps * world
+        g = t.global_batch(world)
         if self.G is None:
             self.G = g
         elif g != self.G:
@@ -310,7 +310,7 @@ class Materializer:
         n = len(encs)
         if not encs:  # every sample of this micro-batch went bad: one pad token, weight 0
             pad = self.processor.tokenizer.pad_token_id
-            encs, lw = [tokens.Encoded([pad], [IGNORE], token_row=[0] if self.family.token_key else None)], [0.0]
+            encs, lw = [tokens.Encoded([pad], [IGNORE_INDEX], token_row=[0] if self.family.token_key else None)], [0.0]
         batch = row(encs, lw, self.family)
         batch.update(num_samples=n, num_bad=sum(len(p) for p in packs) - n)
         return batch
@@ -329,7 +329,7 @@ def row(encs: list[tokens.Encoded], loss_weights: list[float], family) -> dict:
     vision = {k: family.join(k, [e.vision[k] for e in encs if k in e.vision]) for k in sorted(keys)}
     return {
         "input_ids": t([i for e in encs for i in e.input_ids]),
-        "labels": t([x for e in encs for x in e.labels[1:] + [IGNORE]]),
+        "labels": t([x for e in encs for x in e.labels[1:] + [IGNORE_INDEX]]),
         "position_ids": torch.from_numpy(pos)[None], "sample_ids": torch.from_numpy(sid)[None],
         "loss_weight": t([w for e, w in zip(encs, loss_weights) for _ in e.input_ids], torch.float32),
         "tokens": t([x for e in encs for x in e.token_row]) if family.token_key else None,

@@ -22,7 +22,8 @@ import weakref
 from dataclasses import dataclass, field
 
 from ..models import family_of
-from ..models.base import IGNORE_INDEX, blank_image, collapse_runs
+from ..loss import IGNORE_INDEX
+from ..models.base import blank_image, collapse_runs
 from . import images as imageio
 from .chat import BadSample, Segment
 
@@ -157,13 +158,6 @@ def plan_many(processor, items: list[tuple[list[Segment], int]]) -> list[Plan | 
         out.append(Plan(length=sum(lens), tiles=tiles, num_images=n,
                         n_supervised=sum(k for k, s in zip(lens, segs) if s.supervised)))
     return out
-
-
-def plan(processor, segs: list[Segment], max_tiles: int = 0) -> Plan:
-    (p,) = plan_many(processor, [(segs, max_tiles)])
-    if isinstance(p, Exception):
-        raise p
-    return p
 
 
 def truncated_plan(processor, segs: list[Segment], max_tiles: int, max_len: int) -> Plan | None:

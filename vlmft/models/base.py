@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
 
 
 class UnsupportedModel(ValueError):
@@ -130,6 +129,7 @@ class Family:
     packing = True                  # packed rows are exact for this family
     needs_image = False             # the processor takes no sample without an image
     chat_template: str | None = None  # used when the folder has none
+    video_processors: dict[str, str] = {}  # model type -> its stock video processor class (exports name it)
     tile_kwarg: str | None = None   # image-processor argument capping tiles per image
 
     # ------------------------------------------------------------------ processor

@@ -33,3 +33,4 @@ class SmolVLM(Idefics3):
     name = "smolvlm"
     model_types = ("smolvlm",)
     processor_names = ("SmolVLMProcessor",)
+    video_processors = {"smolvlm": "SmolVLMVideoProcessor"}

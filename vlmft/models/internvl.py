@@ -13,6 +13,7 @@ class InternVL(Family):
     name = "internvl"
     model_types = ("internvl",)
     processor_names = ("InternVLProcessor",)
+    video_processors = {"internvl": "InternVLVideoProcessor"}
     vision_keys = ("pixel_values",)
     tile_kwarg = "max_patches"
 

@@ -38,4 +38,5 @@ class LlavaOnevision(LlavaNext):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     processor_names = ("LlavaOnevisionProcessor",)
+    video_processors = {"llava_onevision": "LlavaOnevisionVideoProcessor"}
     vision_keys = ("pixel_values", "image_sizes", "batch_num_images")

@@ -1,0 +1,28 @@
+"""The fast tests catch the deliberate bugs of tests/mutants.py: each mutant, applied for a whole
+pytest session, makes the tests that guard it fail (measured 2026-11-30 over the whole fast
+suite: no_label_shift 5 failures, sample_square_swap 4, no_position_restart 15, bias_decay 6)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from .conftest import clean_env, run
+
+KILLERS = {
+    "no_label_shift": ["tests/test_loss_vs_model.py"],
+    "sample_square_swap": ["tests/test_loss.py", "tests/test_loss_vs_model.py"],
+    "no_position_restart": ["tests/test_packed_logits.py", "tests/test_packing.py"],
+    "bias_decay": ["tests/test_optim.py"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", sorted(KILLERS))
+def test_the_fast_tests_kill_the_mutant(mutant):
+    args = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *KILLERS[mutant]]
+    p = run(args, timeout=300, env=clean_env(VLMFT_MUTANT=mutant, OMP_NUM_THREADS="1"))
+    assert p.returncode == 1 and " failed" in p.stdout, p.stdout[-2000:]
+    clean = run(args, timeout=300, env=clean_env(OMP_NUM_THREADS="1"))   # and they pass without it
+    assert clean.returncode == 0, clean.stdout[-2000:]
