@@ -2,9 +2,13 @@
 
 A recipe is a YAML file read with OmegaConf plus ``key.path=value`` overrides from the command
 line. The schema is written once, here, as dataclasses; the string under each field is its help
-text (read back by :func:`field_docs`, shown by ``vlmft train --help-recipe`` and in errors).
+text (read back by :func:`field_docs`; ``vlmft recipe [SECTION]`` prints it with the defaults,
+``vlmft recipe --init`` writes a commented starting recipe from it).
 
-Validation collects *every* problem before anything heavy is imported (no torch, no deepspeed:
+Overrides are OmegaConf dot-lists applied to the file's tree, so list items are addressed by
+index: ``data.datasets.0.path=train.jsonl`` (or ``data.datasets[0].path=...``).
+
+Validation (vlmft/validation.py, which does not import this module) collects *every* problem before anything heavy is imported (no torch, no deepspeed:
 ``vlmft`` answers a bad recipe in well under 2 s) and reports each as ``key.path: message``,
 with the file line, the valid choices, or a did-you-mean for unknown keys. The CLI prints them
 and exits with code 2.
@@ -20,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +204,11 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    """Optimizer steps to run."""
+    """Optimizer steps to run. Leave it out when train.epochs is set."""
+    epochs: float = 0.0
+    """Passes over the data (every dataset's samples x repeat_time) instead of max_steps: the
+    steps are computed from the pack plan (packs per pass / global batch, rounded up) and printed
+    at start-up. 0 = use max_steps."""
     micro_batch_size: int = 1
     """Packs per rank per micro-batch (one forward/backward)."""
     grad_accum_steps: int = 1
@@ -280,7 +289,8 @@ class RecipeError(ValueError):
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a schema dataclass (the help text)."""
+    """The docstring under each field of a schema dataclass: its help text, as ``vlmft recipe``
+    prints it."""
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
@@ -319,19 +329,24 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
         errors.append(f"{o}: an override must look like key.path=value")
     good = [o for o in overrides if "=" in o]
     for o in good:  # a value from the command line is not on the file's line
-        key = o.split("=", 1)[0].lstrip("+~")
+        key = _bracketed(o.split("=", 1)[0].lstrip("+~"))
         lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")
                  and not k.startswith(key + "[")}
     if good:
-        try:
-            dot = OmegaConf.to_container(OmegaConf.from_dotlist(good))
-        except Exception as exc:
-            raise RecipeError([f"overrides: {exc}"], source) from None
-        raw = OmegaConf.to_container(OmegaConf.merge(raw, dot))
+        conf = OmegaConf.create(raw)
+        for o in good:  # one at a time, so each bad one is named
+            try:
+                conf.merge_with_dotlist([o])
+            except Exception as exc:
+                errors.append(_override_error(o, raw, exc))
+        raw = OmegaConf.to_container(conf)
     try:
         raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception as exc:  # a bad ${interpolation}
         raise RecipeError([f"interpolation: {exc}"], source) from None
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("epochs") and "max_steps" not in train:
+        train["max_steps"] = 0  # from the data: vlmft/data/epochs.py turns epochs into steps
     check_section(raw, Recipe, "", errors)
     if errors:
         raise RecipeError(_with_lines(errors, lines, source), source)
@@ -340,6 +355,33 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
     if errors:
         raise RecipeError(_with_lines(errors, lines, source), source)
     return recipe
+
+
+def _bracketed(key: str) -> str:
+    """``data.datasets.0.path`` -> ``data.datasets[0].path`` (how errors and lines name keys)."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+
+
+def _override_error(override: str, raw: dict, exc: Exception) -> str:
+    """One line for an override OmegaConf could not apply: an index past a list's end, a list
+    addressed by name, or OmegaConf's own first line."""
+    key = override.split("=", 1)[0]
+    node, path = raw, []
+    for part in re.split(r"\.|\[|\]\.?", key.lstrip("+~")):
+        if isinstance(node, list):
+            where = ".".join(path)
+            if not part.isdigit():
+                return f"{key}: {where} is a list; address an item by its index, e.g. {where}.0"
+            if int(part) >= len(node):
+                return (f"{key}: {where} has {len(node)} item(s) (indices from 0); to add one, "
+                        f"give the whole list: {where}=[{{...}}, {{...}}]")
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            break
+        path.append(part)
+    return f"{override}: cannot apply this override: {str(exc).splitlines()[0]}"
 
 
 def _with_lines(errors: list[str], lines: dict[str, int], source: str) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 from . import engine as ds
 from . import loss as lossmod
 from . import optim, schedule
+from .data import drops, epochs
 from .data.catalog import build_catalog
 from .data.loader import StepLoader, bad_fraction_error
 from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
@@ -219,6 +220,14 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
                 print(f"vlmft: resume: {w}", file=sys.stderr)
     processor = load_processor(recipe.model)
     catalog = build_catalog(recipe, processor)  # before the weights: bad data fails fast
+    # nothing dropped silently: the drop table, then the per-dataset budget (vlmft/data/drops.py)
+    if rank == 0 and drops.table_lines(catalog):
+        print("\n".join(drops.table_lines(catalog)), file=sys.stderr)
+    if drops.budget_errors(catalog, recipe.data.max_bad_fraction):
+        raise RecipeError(drops.budget_errors(catalog, recipe.data.max_bad_fraction))
+    recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
+    if rank == 0 and steps_note:
+        print(steps_note, file=sys.stderr)
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
@@ -246,7 +255,8 @@ def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> Tra
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     preempt = _Preemption()
-    skipped, step, preempted, bad, seen = 0, start, False, 0, 0
+    skipped, step, preempted = 0, start, False
+    bad, seen = sum(catalog.dropped.values()), len(catalog.records)  # the budget counts planning too
     losses = []
     cap = recipe.data.packing.max_packed_tokens
     loader = StepLoader(recipe, catalog, processor, rank, world, start_step=start)

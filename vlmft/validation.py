@@ -1,7 +1,9 @@
 """Recipe validation: the type walk over the schema and the checks on values.
 
-Every problem is collected (never the first only) as ``key.path: message``; the caller adds
-file lines and raises one RecipeError. Nothing here imports torch.
+Every problem is collected (never the first only) as ``key.path: message``; the caller
+(vlmft/recipe.py ``load``) adds file lines and raises one RecipeError. This module works on any
+schema dataclass and on the loaded recipe object it is handed; it imports neither torch nor
+vlmft.recipe (recipe.py imports it, never the other way round).
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ import difflib
 import os
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
 
 
 def yaml_lines(path: Path) -> dict[str, int]:
@@ -96,8 +95,9 @@ def check_section(raw: dict, cls: type, prefix: str, errors: list[str]):
             errors.append(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
 
 
-def semantic_checks(r: Recipe) -> list[str]:
-    """Checks on values that are well-typed: ranges, files that must exist, combinations."""
+def semantic_checks(r) -> list[str]:
+    """Checks on the values of a well-typed recipe (a vlmft.recipe.Recipe): ranges, files that
+    must exist, a writable output_dir, combinations."""
     e = []
 
     def positive(key, v, allow_zero=False):
@@ -111,6 +111,12 @@ def semantic_checks(r: Recipe) -> list[str]:
     elif looks_local and not Path(name).expanduser().is_dir():
         e.append(f"model.name_or_path: folder '{name}' not found (relative paths are from "
                  f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'")
+    elif Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        e.append(f"model.name_or_path: folder '{name}' has no config.json; give the folder of an "
+                 "HF model (from save_pretrained, or downloaded with `hf download ORG/NAME`)")
+    problem = output_dir_problem(r.output_dir)
+    if problem:
+        e.append(f"output_dir: {problem}")
     if not r.data.datasets:
         e.append("data.datasets: at least one dataset is required, e.g. - path: data/train.jsonl")
     for i, d in enumerate(r.data.datasets):
@@ -167,7 +173,11 @@ def semantic_checks(r: Recipe) -> list[str]:
     positive("schedule.warmup_steps", r.schedule.warmup_steps, allow_zero=True)
     if not 0.0 <= r.schedule.min_lr_ratio <= 1.0:
         e.append("schedule.min_lr_ratio: must be in [0, 1]")
-    positive("train.max_steps", r.train.max_steps)
+    positive("train.epochs", r.train.epochs, allow_zero=True)
+    if r.train.epochs > 0 and r.train.max_steps > 0:
+        e.append("train.epochs: set either train.max_steps or train.epochs, not both")
+    elif not r.train.epochs > 0:
+        positive("train.max_steps", r.train.max_steps)
     positive("train.micro_batch_size", r.train.micro_batch_size)
     positive("train.grad_accum_steps", r.train.grad_accum_steps)
     positive("engine.gradient_clipping", r.engine.gradient_clipping, allow_zero=True)
@@ -187,3 +197,21 @@ def semantic_checks(r: Recipe) -> list[str]:
     positive("checkpoint.keep_last", r.checkpoint.keep_last)
     positive("log.every_steps", r.log.every_steps)
     return e
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be created or written (no file is written to find out), else None."""
+    if not path:
+        return "required: the folder for metrics, checkpoints and the final model"
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return f"'{path}' exists and is not a folder; choose another output_dir"
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        return f"'{path}' cannot be created: '{q}' is a file; choose another output_dir"
+    if not os.access(q, os.W_OK | os.X_OK):
+        return (f"'{path}' cannot be written: no write permission in '{q}'; choose another "
+                "output_dir or fix the folder's permissions")
+    return None
