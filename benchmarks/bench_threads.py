@@ -12,7 +12,7 @@ OMP_NUM_THREADS=1 when it is unset; the variants set it explicitly instead:
 
 Figure: the median ``step_time_s`` of metrics.jsonl over the steps after the first five.
 
-    .venv/bin/python benchmarks/bench_threads.py [--steps 30] [--json]
+    .venv/bin/python benchmarks/bench_threads.py [--steps 30] [--repeat 3] [--json]
 """
 
 from __future__ import annotations
@@ -51,23 +51,25 @@ def run(omp: str, steps: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=3, help="alternate the two variants this many times")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     cpus = len(os.sched_getaffinity(0))
+    runs = {"torch default": [], "vlmft": []}
     with tempfile.TemporaryDirectory() as tmp:
-        res = {"cpus": cpus,
-               "torch default": run(str(cpus), args.steps, Path(tmp) / "a"),
-               "vlmft": run("", args.steps, Path(tmp) / "b")}
-    res["ratio"] = res["torch default"]["median_step_s"] / res["vlmft"]["median_step_s"]
+        for i in range(args.repeat):   # alternated, so a load that comes and goes hits both
+            runs["torch default"].append(run(str(cpus), args.steps, Path(tmp) / "a"))
+            runs["vlmft"].append(run("", args.steps, Path(tmp) / "b"))
+    res = {"cpus": cpus, "steps": args.steps, "runs": runs,
+           "ratios": [a["median_step_s"] / b["median_step_s"] for a, b in zip(runs["torch default"], runs["vlmft"])]}
     if args.json:
         print(json.dumps(res))
         return
-    print(f"{cpus} CPUs, 2 ranks, demo recipe, {args.steps} steps")
-    for k in ("torch default", "vlmft"):
-        v = res[k]
-        print(f"{k:14s} OMP_NUM_THREADS={v['omp_num_threads']:>24s}  median step {v['median_step_s']:.3f} s  "
-              f"mean {v['mean_step_s']:.3f} s  wall {v['wall_s']:.1f} s")
-    print(f"ratio {res['ratio']:.1f}x")
+    print(f"{cpus} CPUs, 2 ranks, demo recipe, {args.steps} steps, {args.repeat} alternations")
+    for k, vs in runs.items():
+        print(f"{k:14s} OMP_NUM_THREADS={vs[0]['omp_num_threads']:>24s}  median step "
+              + " / ".join(f"{v['median_step_s']:.3f}" for v in vs) + " s")
+    print("ratio (default / vlmft): " + " / ".join(f"{r:.2f}" for r in res["ratios"]))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def test_a_dataset_lost_to_a_wrong_image_root_is_named(tmp_path, processor, in_r
     assert line.startswith(f"dataset 'extra' ({extra}): all 30 samples dropped (missing_image 30; "
                            f"e.g. {extra}:1: {tmp_path / 'nowhere'}/images/")
     assert "set image_root" in line
+    assert drops.budget_errors(cat, 1.0) == [line]             # all lost stops even at 100% allowed
     table = drops.table_lines(cat)
     assert table[0] == "vlmft: 30 of 270 samples dropped while planning (reason, count, first examples):"
     assert f"  extra ({extra}): 30 of 30 dropped" in table and "    missing_image: 30" in table

@@ -10,7 +10,7 @@ import pytest
 
 from vlmft import recipe as recipes
 from vlmft.data import catalog as catmod
-from vlmft.data import chat, sources
+from vlmft.data import chat, json_array, sources
 from vlmft.recipe import DatasetConfig, RecipeError
 
 from .conftest import ROOT
@@ -181,12 +181,28 @@ def test_json_array_dataset_is_read_like_the_same_jsonl(tmp_path, processor, in_
         assert index == f"record {i})" and path_line.startswith(f"{arr}:")
         n = int(path_line.rsplit(":", 1)[1])
         assert lines[n - 1] == "  {" and lines[n] == f'    "id": {rows[i]["id"]},'
-    old = sources.ARRAY_CHUNK
+    old = json_array.ARRAY_CHUNK
     try:
-        sources.ARRAY_CHUNK = 7                   # records cut by every chunk boundary
-        assert [r.data for r in sources.read_array(0, arr)] == rows
+        json_array.ARRAY_CHUNK = 7                # records cut by every chunk boundary
+        assert [json.loads(text) for _, text in json_array.records(arr)] == rows
+        assert len(list(json_array.records(arr, limit=3))) == 3
     finally:
-        sources.ARRAY_CHUNK = old
+        json_array.ARRAY_CHUNK = old
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"a": 1},', "record 1 is not valid JSON"),
+    ('[{"a": 1} {"b": 2}]', "expected ',' or ']' after record 0"),
+    ('[{"a": 1}', "the array is not closed"),
+    ('\n\n[{"a": 1},\n {"a": tru}]', ":4: record 1 is not valid JSON"),
+    ("", "not a JSON array"),
+])
+def test_a_broken_json_array_cites_file_and_line(tmp_path, text, message):
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        list(json_array.records(path))
+    assert f"{path}:" in e.value.errors[0] and message in e.value.errors[0]
 
 
 def test_json_array_and_meta_json_are_told_apart_by_shape(tmp_path):

@@ -90,10 +90,11 @@ OFFLINE_BECAUSE = ""  # why prepare() switched this process to offline mode, for
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (``raise ... from None`` ends the chain)."""
     out = []
     while exc is not None and exc not in out:
         out.append(exc)
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__suppress_context__ else (exc.__cause__ or exc.__context__)
     return out
 
 

@@ -24,14 +24,13 @@ import dataclasses
 import functools
 import inspect
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from .validation import check_section, semantic_checks, yaml_lines
+from .validation import bracketed, check_section, override_problem, semantic_checks, yaml_lines
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -57,7 +56,8 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = ""
-    """Conversation JSONL (LLaVA/InternVL format) or an InternVL meta JSON."""
+    """Conversation JSONL (a record a line) or a .json array of records, each in the
+    LLaVA/InternVL 'conversations' or the 'messages' format; or an InternVL meta JSON."""
     name: str = ""
     """Name used in reports; defaults to the file name."""
     image_root: str = ""
@@ -329,7 +329,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
         errors.append(f"{o}: an override must look like key.path=value")
     good = [o for o in overrides if "=" in o]
     for o in good:  # a value from the command line is not on the file's line
-        key = _bracketed(o.split("=", 1)[0].lstrip("+~"))
+        key = bracketed(o.split("=", 1)[0].lstrip("+~"))
         lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")
                  and not k.startswith(key + "[")}
     if good:
@@ -338,7 +338,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
             try:
                 conf.merge_with_dotlist([o])
             except Exception as exc:
-                errors.append(_override_error(o, raw, exc))
+                errors.append(override_problem(o, raw, exc))
         raw = OmegaConf.to_container(conf)
     try:
         raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
@@ -355,33 +355,6 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
     if errors:
         raise RecipeError(_with_lines(errors, lines, source), source)
     return recipe
-
-
-def _bracketed(key: str) -> str:
-    """``data.datasets.0.path`` -> ``data.datasets[0].path`` (how errors and lines name keys)."""
-    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
-
-
-def _override_error(override: str, raw: dict, exc: Exception) -> str:
-    """One line for an override OmegaConf could not apply: an index past a list's end, a list
-    addressed by name, or OmegaConf's own first line."""
-    key = override.split("=", 1)[0]
-    node, path = raw, []
-    for part in re.split(r"\.|\[|\]\.?", key.lstrip("+~")):
-        if isinstance(node, list):
-            where = ".".join(path)
-            if not part.isdigit():
-                return f"{key}: {where} is a list; address an item by its index, e.g. {where}.0"
-            if int(part) >= len(node):
-                return (f"{key}: {where} has {len(node)} item(s) (indices from 0); to add one, "
-                        f"give the whole list: {where}=[{{...}}, {{...}}]")
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            break
-        path.append(part)
-    return f"{override}: cannot apply this override: {str(exc).splitlines()[0]}"
 
 
 def _with_lines(errors: list[str], lines: dict[str, int], source: str) -> list[str]:

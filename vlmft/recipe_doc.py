@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import textwrap
 import typing
 
@@ -70,7 +71,7 @@ def schema(section: str | None = None) -> list[dict]:
             for key, tp, value, f, cls in _walk(Recipe, Recipe(), "")]
     if not section:
         return rows
-    want = section.replace("[]", "").strip(".")
+    want = re.sub(r"\[\d*\]|\.\d+(?=\.|$)", "", section).strip(".")  # data.datasets[0].path
     picked = [r for r in rows if r["key"].replace("[]", "") == want
               or r["key"].replace("[]", "").startswith(want + ".")]
     if not picked:

@@ -35,10 +35,15 @@ def threads_per_rank() -> int | None:
 def set_threads() -> int:
     """Give torch ``threads_per_rank()`` intra-op threads; returns the number in use.
 
-    Torch's default is every core of the machine in every process: ranks that share a machine
-    oversubscribe it and its OpenMP threads spin against each other. Measured on the 2-core
-    development machine (benchmarks/bench_threads.py, benchmarks/README.md "CPU threads per
-    rank"): THREADS_FIGURE.
+    Torch's default is every core of the machine in every process, so ranks that share a
+    machine oversubscribe it (8 ranks on a 64-core node: 512 OpenMP threads, e.g. in ZeRO-Offload's
+    CPU Adam); torchrun avoids that by exporting OMP_NUM_THREADS=1, the deepspeed launcher and
+    hand-written launches do not. Issue 17 reported a 2-rank demo run on the 2-core development
+    machine 10x slower with the default (3.4 s/step vs 0.28 s/step with one thread per rank).
+    Re-measured 2026-11-30 (benchmarks/bench_threads.py, benchmarks/README.md "CPU threads per
+    rank"), the demo's steps took 0.06-0.15 s either way and the ratio default / one thread
+    per rank ranged 0.57-2.18 over alternated runs on the shared machine: no consistent effect
+    at this size; the 10x was not reproduced.
     """
     import torch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,33 @@ def yaml_lines(path: Path) -> dict[str, int]:
     except yaml.YAMLError:
         pass
     return out
+
+
+def bracketed(key: str) -> str:
+    """``data.datasets.0.path`` -> ``data.datasets[0].path`` (how errors and lines name keys)."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+
+
+def override_problem(override: str, raw: dict, exc: Exception) -> str:
+    """One line for an override OmegaConf could not apply: an index past a list's end, a list
+    addressed by name, or OmegaConf's own first line."""
+    key = override.split("=", 1)[0]
+    node, path = raw, []
+    for part in re.split(r"\.|\[|\]\.?", key.lstrip("+~")):
+        if isinstance(node, list):
+            where = ".".join(path)
+            if not part.isdigit():
+                return f"{key}: {where} is a list; address an item by its index, e.g. {where}.0"
+            if int(part) >= len(node):
+                return (f"{key}: {where} has {len(node)} item(s) (indices from 0); to add one, "
+                        f"give the whole list: {where}=[{{...}}, {{...}}]")
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            break
+        path.append(part)
+    return f"{override}: cannot apply this override: {str(exc).splitlines()[0]}"
 
 
 def _check_value(value, tp, key: str, errors: list[str]):
@@ -104,16 +132,7 @@ def semantic_checks(r) -> list[str]:
         if v < 0 or (v == 0 and not allow_zero):
             e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
-    name = r.model.name_or_path
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
-    if not name:
-        e.append("model.name_or_path: required: a local model folder or a hub id")
-    elif looks_local and not Path(name).expanduser().is_dir():
-        e.append(f"model.name_or_path: folder '{name}' not found (relative paths are from "
-                 f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'")
-    elif Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
-        e.append(f"model.name_or_path: folder '{name}' has no config.json; give the folder of an "
-                 "HF model (from save_pretrained, or downloaded with `hf download ORG/NAME`)")
+    e += model_problems(r.model.name_or_path)
     problem = output_dir_problem(r.output_dir)
     if problem:
         e.append(f"output_dir: {problem}")
@@ -197,6 +216,21 @@ def semantic_checks(r) -> list[str]:
     positive("checkpoint.keep_last", r.checkpoint.keep_last)
     positive("log.every_steps", r.log.every_steps)
     return e
+
+
+def model_problems(name: str) -> list[str]:
+    """model.name_or_path: a hub id 'org/name', or a folder that exists and holds config.json."""
+    folder = Path(name).expanduser()
+    if not name:
+        return ["model.name_or_path: required: a local model folder or a hub id"]
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_local and not folder.is_dir():
+        return [f"model.name_or_path: folder '{name}' not found (relative paths are from "
+                f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'"]
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return [f"model.name_or_path: folder '{name}' has no config.json; give the folder of an "
+                "HF model (from save_pretrained, or downloaded with `hf download ORG/NAME`)"]
+    return []
 
 
 def output_dir_problem(path: str) -> str | None:

@@ -138,7 +138,7 @@ def orientation(img: Image.Image, path: str | Path, nbytes: int) -> int:
         value = img.getexif().get(0x0112, 1)
     except Exception as exc:  # a malformed EXIF block
         raise ImageProblem("corrupt_image", f"{path}: unreadable EXIF data ({exc})") from None
-    return value if value in TRANSPOSE else 1
+    return value if isinstance(value, int) and value in TRANSPOSE else 1
 
 
 @functools.lru_cache(maxsize=SIZE_CACHE)

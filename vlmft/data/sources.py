@@ -18,9 +18,9 @@ the next of the record's ``images`` when it names none; ``<image>`` in string co
 next of ``images`` too.
 
 A ``.jsonl`` file holds one record per line. A ``.json`` file holding a JSON array of records
-(LLaVA's own distribution format, e.g. ``llava_v1_5_mix665k.json``) is read once, in chunks,
-each record's text kept for the lazy parse below; a record is cited as ``file:line (record i)``,
-its first line and its index in the array. A ``.json`` file holding an object is a meta JSON.
+(LLaVA's own distribution format, e.g. ``llava_v1_5_mix665k.json``) is read once, in chunks
+(vlmft/data/json_array.py), each record's text kept for the lazy parse below; a record is cited
+as ``file:line (record i)``, its first line and its index in the array. A ``.json`` file holding an object is a meta JSON.
 
 An InternVL meta JSON maps dataset names to ``{"root": images folder, "annotation": JSONL,
 "repeat_time": float, "data_augment": bool, "max_dynamic_patch": int, "length": int}``;
@@ -42,18 +42,16 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 from ..recipe import DatasetConfig, RecipeError
+from . import json_array
 
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 PLACEHOLDER = "<image>"
-ARRAY_CHUNK = 1 << 24  # characters of a JSON array file read at a time
 IMAGE_PARTS = ("image", "image_url", "input_image")
-_SPACE = re.compile(r"[ \t\r\n]*")
 
 
 class BadSample(Exception):
@@ -135,7 +133,7 @@ def expand(configs: list[DatasetConfig]) -> list[Dataset]:
     out: list[Dataset] = []
     for i, c in enumerate(configs):
         path = Path(c.path).expanduser()
-        if path.suffix == ".json" and _first_char(path) != "[":
+        if path.suffix == ".json" and json_array.first_char(path) != "[":
             out.extend(_meta(path, c, f"data.datasets[{i}].path"))
         else:
             out.append(Dataset(name=c.name or path.stem, annotation=path,
@@ -202,19 +200,13 @@ def _rel(base: Path, p: str) -> Path:
     return q if not b.exists() and q.exists() else b
 
 
-def _first_char(path: Path) -> str:
-    """The first character of a text file after white space (and a byte-order mark)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    return head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")[:1]
-
-
 def read(dataset_index: int, ds: Dataset, seed: int, limit: int = 0) -> list[Record]:
     """All records of one dataset, after repeat_time, in file order (shuffling is the stream's).
     ``limit`` > 0 reads only the first ``limit`` records (before repeat_time)."""
     if ds.annotation.suffix == ".json":
-        return apply_repeat(read_array(dataset_index, ds.annotation, limit), ds.repeat_time,
-                            seed + dataset_index)
+        records = [Record(dataset_index, f"{ds.annotation}:{line} (record {k})", line=text)
+                   for k, (line, text) in enumerate(json_array.records(ds.annotation, limit))]
+        return apply_repeat(records, ds.repeat_time, seed + dataset_index)
     records = []
     prefix = f"{ds.annotation}:"
     with open(ds.annotation, "rb") as f:
@@ -225,61 +217,6 @@ def read(dataset_index: int, ds: Dataset, seed: int, limit: int = 0) -> list[Rec
                 continue
             records.append(Record(dataset_index, prefix + str(n), line=line))
     return apply_repeat(records, ds.repeat_time, seed + dataset_index)
-
-
-def read_array(dataset_index: int, path: Path, limit: int = 0) -> list[Record]:
-    """The records of a file holding one JSON array, read in chunks of ARRAY_CHUNK characters:
-    each record's extent is found by the JSON decoder and its text kept (parsed again, lazily,
-    where it is planned). A file that is not such an array is a RecipeError citing file:line."""
-    dec, records = json.JSONDecoder(), []
-    with open(path, encoding="utf-8-sig") as f:
-        buf, pos, line, eof = "", 0, 1, False
-
-        def skip(pos, line, buf, eof):  # past white space, reading on at the chunk's end
-            while True:
-                q = _SPACE.match(buf, pos).end()
-                line += buf.count("\n", pos, q)
-                if q < len(buf) or eof:
-                    return q, line, buf, eof
-                buf = f.read(ARRAY_CHUNK)
-                pos, eof = 0, not buf
-
-        def fail(what: str):
-            raise RecipeError([f"{path}:{line}: {what}; a .json dataset is one JSON array of records "
-                               "(or an InternVL meta JSON object); fix the file or convert it to JSONL"])
-
-        try:
-            pos, line, buf, eof = skip(pos, line, buf, eof)
-            if buf[pos:pos + 1] != "[":
-                fail("not a JSON array")
-            pos, line, buf, eof = skip(pos + 1, line, buf, eof)
-            while buf[pos:pos + 1] != "]":
-                if limit and len(records) >= limit:
-                    break
-                if records:
-                    if buf[pos:pos + 1] != ",":
-                        fail(f"expected ',' or ']' after record {len(records) - 1}")
-                    pos, line, buf, eof = skip(pos + 1, line, buf, eof)
-                while True:  # until the record is whole in the buffer
-                    try:
-                        end = dec.raw_decode(buf, pos)[1]
-                        if end < len(buf) or eof:  # at the buffer's end a number may go on
-                            break
-                    except json.JSONDecodeError as exc:
-                        if eof:
-                            fail(f"record {len(records)} is not valid JSON ({exc.msg})")
-                    more = f.read(ARRAY_CHUNK)
-                    buf, pos, eof = buf[pos:] + more, 0, not more
-                text = buf[pos:end]
-                records.append(Record(dataset_index, f"{path}:{line} (record {len(records)})",
-                                      line=text.encode("utf-8")))
-                line += text.count("\n")
-                pos, line, buf, eof = skip(end, line, buf, eof)
-                if not buf[pos:pos + 1] and eof:
-                    fail("the array is not closed with ']'")
-        except UnicodeDecodeError as exc:
-            fail(f"not UTF-8 text ({exc.reason})")
-    return records
 
 
 def apply_repeat(items: list, repeat_time: float, seed: int) -> list:
