@@ -5,6 +5,7 @@ and materialization failures together."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -15,6 +16,16 @@ from vlmft.data import drops
 from .conftest import DEMO, ROOT, vlmft
 
 DEMO_DATA = ROOT / "demo" / "data" / "train.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """train() installs SIGTERM/SIGINT handlers and restores them only when it returns, not when
+    it raises: left installed, they keep later tests' forked pool workers from terminating."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def _image_rows(n: int) -> list[str]:
@@ -80,18 +91,24 @@ def test_too_long_reports_the_length_that_keeps_them(processor, in_root):
 
 def test_train_prints_the_table_and_stops_before_training(tmp_path):
     """The CLI end to end: a second dataset whose image_root is wrong stops the run before the
-    first step, with one error line naming it; the table came first; nothing was trained."""
+    first step, with one error line naming it; the table came first; nothing was trained.
+    (The run goes into a previous run's folder with --overwrite, which clears what vlmft wrote
+    there and nothing else, before anything loads.)"""
     (tmp_path / "nowhere").mkdir()
     over, extra = _two_datasets(tmp_path, _image_rows(20), str(tmp_path / "nowhere"))
     out = tmp_path / "run"
-    p = vlmft("train", str(DEMO), *over, f"output_dir={out}", "train.max_steps=2")
+    (out / "checkpoints" / "step40").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 40}\n')
+    (out / "notes.txt").write_text("mine")
+    p = vlmft("train", str(DEMO), *over, f"output_dir={out}", "train.max_steps=2", "--overwrite")
+    assert f"vlmft: --overwrite: removed checkpoints, metrics.jsonl from {out}" in p.stderr
+    assert sorted(x.name for x in out.iterdir()) == ["notes.txt"]
     assert p.returncode == 2, p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(f"error dataset 'extra' ({extra}): all 20 samples")
     assert "Traceback" not in p.stderr
     lines = p.stderr.splitlines()
     assert lines.index("    missing_image: 20") < lines.index(errors[0])
-    assert not (out / "metrics.jsonl").exists()
 
 
 def _corrupt(png_path):

@@ -3,14 +3,12 @@ the threads each rank gets."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
 from vlmft import run_dir, runtime
 
-from .conftest import DEMO, vlmft
 
 
 def test_refusal_only_for_a_folder_that_holds_something(tmp_path):
@@ -46,18 +44,6 @@ def test_resume_auto_says_where_it_resumes_or_that_it_starts_fresh(tmp_path):
             (tmp_path / "checkpoints" / tag / COMPLETE).write_text(tag)
     assert run_dir.resume_note(str(tmp_path), "auto") == (
         f"vlmft: --resume auto: resuming from {tmp_path / 'checkpoints' / 'step4'}")
-
-
-def test_overwrite_replaces_the_previous_run(tmp_path, in_root):
-    out = tmp_path / "run"
-    (out / "checkpoints" / "step40").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"step": 40}\n')
-    (out / "notes.txt").write_text("mine")
-    p = vlmft("train", str(DEMO), f"output_dir={out}", "train.max_steps=1", "--overwrite")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert f"vlmft: --overwrite: removed checkpoints, metrics.jsonl from {out}" in p.stderr
-    assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "mine"
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_threads_per_rank_share_the_cpus_available(monkeypatch):
