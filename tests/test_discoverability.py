@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from vlmft import recipe as R
 from vlmft.cli import app
 
-from .conftest import DEMO, ROOT, clean_env, run, BIN
+from .conftest import BIN, DEMO, clean_env, run
 
 runner = CliRunner()
 

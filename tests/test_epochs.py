@@ -71,3 +71,16 @@ def _catalog(r):
     from vlmft.model import load_processor
 
     return build_catalog(r, load_processor(r.model))
+
+
+def test_lr_table_of_an_epochs_recipe_asks_for_the_steps(tmp_path, in_root):
+    from typer.testing import CliRunner
+
+    from vlmft.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(DEMO.read_text().replace("  max_steps: 100\n", "  epochs: 1\n"))
+    r = CliRunner().invoke(app, ["lr-table", str(path)])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "add train.epochs=0 train.max_steps=N" in r.stderr
+    assert CliRunner().invoke(app, ["lr-table", str(path), "train.epochs=0", "train.max_steps=9"]).exit_code == 0

@@ -282,3 +282,13 @@ def test_messages_records_train_like_conversations(tmp_path, processor, in_root)
     assert not cats[1].dropped and len(cats[1].samples) == 40
     assert [(s.length, s.tiles, s.n_supervised) for s in cats[0].samples] == \
         [(s.length, s.tiles, s.n_supervised) for s in cats[1].samples]
+
+
+def test_messages_images_without_placeholders_go_before_the_first_user_text():
+    """InternVL's rule, as for LLaVA records: images with no placeholder lead the first user turn."""
+    msgs = {"images": ["a.png"], "messages": [{"role": "user", "content": "What is it?"},
+                                             {"role": "assistant", "content": "A square."}]}
+    llava = {"image": "a.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                                 {"from": "gpt", "value": "A square."}]}
+    assert sources.turns(msgs) == sources.turns(llava)
+    assert sources.turns(msgs)[0][0] == ("user", [None, "What is it?"])

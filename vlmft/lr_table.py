@@ -39,9 +39,9 @@ def table_for_model(model, recipe: Recipe, step: int = 1, by: str = "param") -> 
     if step < 1:
         raise ValueError(f"--step: steps count from 1 (the first optimizer step), got {step}")
     if recipe.train.max_steps < 1:
-        raise ValueError(f"train.epochs: the run's length in steps comes from the data, which "
-                         f"lr-table does not read; add train.epochs=0 train.max_steps=N "
-                         f"(vlmft train prints N at start-up)")
+        raise ValueError("train.epochs: the run's length in steps comes from the data, which "
+                         "lr-table does not read; add train.epochs=0 train.max_steps=N "
+                         "(vlmft train prints N at start-up)")
     rows, groups = plan(model, recipe.optim)
     factor = lr_factor(step - 1, recipe.schedule, recipe.train.max_steps)
     base = recipe.optim.lr * factor
