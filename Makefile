@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/vlmft train recipes/demo.yaml
+	$(BIN)/vlmft train recipes/demo.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -57,6 +57,14 @@ def processor():
 
 
 @pytest.fixture
+def dist_env():
+    """The CLI's set-up call, for tests that run ``vlmft.train.train`` in this process."""
+    from vlmft.distributed import setup_environment
+
+    setup_environment()
+
+
+@pytest.fixture
 def in_root(monkeypatch):
     """Recipes name paths relative to the repository root."""
     monkeypatch.chdir(ROOT)

@@ -429,8 +429,9 @@ def task_optim(rank: int, world: int) -> dict:
         got0 = ds_groups(eng, model)
         r = train_step(eng, [batch], recipe, world)
         got1 = ds_groups(eng, model)
-        out["groups"].append({"stage": stage, "ds_step0": got0, "table_step0": table_groups(recipe, 0),
-                              "ds_step1": got1, "table_step1": table_groups(recipe, 1),
+        # after k optimizer steps the groups hold the lr of step k + 1 (lr-table counts from 1)
+        out["groups"].append({"stage": stage, "ds_step0": got0, "table_step0": table_groups(recipe, 1),
+                              "ds_step1": got1, "table_step1": table_groups(recipe, 2),
                               "skipped": r.skipped})
         del eng
     for override, stage, expect in FREEZE_CASES:

@@ -157,14 +157,12 @@ def test_resume_refuses_a_changed_recipe_without_force(tmp_path):
     assert "Traceback" not in p.stderr
 
 
-def test_zero3_export_reproduces_the_trained_model(in_root, tmp_path):
+def test_zero3_export_reproduces_the_trained_model(in_root, tmp_path, dist_env):
     import deepspeed
     from transformers import AutoModelForImageTextToText
 
-    from vlmft.distributed import setup_environment
     from vlmft.train import train
 
-    setup_environment()
     result = train(load(DEMO, [f"output_dir={tmp_path}", "train.max_steps=3", "engine.zero_stage=3"]))
     ids = torch.randint(20, 300, (1, 24))
     with deepspeed.zero.GatheredParameters(list(result.model.parameters())):

@@ -341,7 +341,7 @@ def test_describe_groups_matches_the_plan():
     model = tiny("internvl")
     optimizer, _ = build_optimizer(model, recipe.optim)
     got = describe_groups(optimizer)
-    want = table_for_model(model, recipe, step=recipe.schedule.warmup_steps, by="group")["groups"]
+    want = table_for_model(model, recipe, step=recipe.schedule.warmup_steps + 1, by="group")["groups"]
     assert [(g["name"], g["weight_decay"], g["numel"]) for g in got] == \
         [(g["name"], g["weight_decay"], g["numel"]) for g in want]
     assert [g["lr"] for g in got] == pytest.approx([g["lr"] for g in want])
@@ -359,7 +359,7 @@ def test_lr_table_views_and_csv():
                                freeze=FreezeConfig(vision_first_layers=1))
     recipe.schedule.warmup_steps = 10
     model = tiny("internvl", tie_word_embeddings=False)
-    p = table_for_model(model, recipe, step=4, by="param")
+    p = table_for_model(model, recipe, step=5, by="param")
     t = p["totals"]
     assert p["lr_factor"] == pytest.approx(0.5)
     assert t["trainable"] + t["frozen"] == t["total"] == sum(r["numel"] for r in p["rows"])
@@ -368,13 +368,13 @@ def test_lr_table_views_and_csv():
         assert r["lr"] == (0.0 if r["frozen"] else pytest.approx(1e-4 * 0.5 * r["lr_scale"]))
         assert {"name", "module", "shape", "numel", "layer_id", "tower", "lr", "weight_decay",
                 "frozen", "group"} <= set(r)
-    layers = table_for_model(model, recipe, step=4, by="layer")["rows"]
+    layers = table_for_model(model, recipe, step=5, by="layer")["rows"]
     assert sum(r["numel"] for r in layers) == t["total"]
     assert [(r["tower"], r["layer_id"]) for r in layers][:5] == \
         [("vision", 0), ("vision", 1), ("vision", 2), ("vision", 3), ("projector", 4)]
     assert layers[0]["frozen"] and layers[1]["frozen"] and not layers[2]["frozen"]
     assert layers[2]["lr"] == pytest.approx(1e-4 * 0.5 * 0.25)
-    groups = table_for_model(model, recipe, step=4, by="group")["rows"]
+    groups = table_for_model(model, recipe, step=5, by="group")["rows"]
     assert sum(r["numel"] for r in groups) == t["total"]
     assert groups[-1]["name"] == "frozen" and groups[-1]["group"] is None
     csv_text = to_csv(p)
@@ -392,7 +392,7 @@ from vlmft.lr_table import lr_table
 out = {}
 for path in sys.argv[1:]:
     t = time.time()
-    table = lr_table(load(path), step=0, by="layer")
+    table = lr_table(load(path), step=1, by="layer")
     out[path] = {"seconds": time.time() - t, "rows": len(table["rows"]), **table["totals"]}
 out["total_seconds"] = time.time() - t0
 out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

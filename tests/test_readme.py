@@ -32,3 +32,22 @@ def test_every_file_in_the_layout_exists():
     found = {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts}
     missing = [n for n in names if n.split("/")[-1] not in found]
     assert not missing, missing
+
+
+def test_record_examples_are_records_in_either_format():
+    import json
+
+    from vlmft.data import sources
+
+    blocks = re.findall(r"```json\n(.*?)```", README, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        turns, _ = sources.turns(json.loads(block))
+        assert [role for role, _ in turns][-1] == "assistant"
+
+
+def test_recipe_commands_run():
+    for cmd in ("vlmft recipe data.packing", "vlmft recipe --init > my.yaml", "vlmft --version"):
+        assert cmd in README
+    p = vlmft("recipe", "data.packing")
+    assert p.returncode == 0 and "data.packing.max_packed_tokens: int = 1024" in p.stdout

@@ -90,3 +90,16 @@ def test_validation_imports_no_torch_and_is_fast():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert float(p.stdout) < 2.0
+
+
+def test_validation_does_not_import_the_recipe_module():
+    """recipe.py imports validation.py, never the other way round (no cycle, not even for types)."""
+    import ast
+
+    tree = ast.parse((ROOT / "vlmft" / "validation.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and "recipe" in m}, imported
+    p = subprocess.run([sys.executable, "-c", "import sys, vlmft.validation; print('vlmft.recipe' in sys.modules)"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.stdout.strip() == "False", p.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from vlmft import recipe as recipes
 from vlmft.data import catalog as catmod
-from vlmft.data import chat, sources
+from vlmft.data import chat, json_array, sources
 from vlmft.recipe import DatasetConfig, RecipeError
 
 from .conftest import ROOT
@@ -108,7 +108,8 @@ def test_meta_paths_fall_back_to_the_current_directory(tmp_path, monkeypatch):
     ({"a": {"annotation": "nope.jsonl"}}, "annotation 'nope.jsonl' not found"),
     ({"a": {"annotation": "t.jsonl", "repeat_time": "lots"}}, "'repeat_time' must be a number"),
     ({"a": {"annotation": "t.jsonl", "repeat_time": 0}}, "'repeat_time' must be > 0"),
-    ([], "maps dataset names"),
+    ("a string", "a JSON array of records"),
+    ({"conversations": []}, "holds a single record"),
 ])
 def test_bad_meta_json_is_a_recipe_error(tmp_path, meta, message):
     _jsonl(tmp_path / "t.jsonl", _rows(1))
@@ -159,3 +160,135 @@ def test_turns_match_the_chat_messages(processor):
                   ("assistant", ["The first."])]
     msgs, paths = chat.messages(rec, DEMO)
     assert msgs[1]["content"][1] == {"type": "image"} and paths == [str(DEMO / "a.png"), str(DEMO / "b.png")]
+
+
+# ---------------------------------------------------------------- JSON arrays and messages
+
+def test_json_array_dataset_is_read_like_the_same_jsonl(tmp_path, processor, in_root):
+    """LLaVA's own format (one JSON array, here pretty-printed) plans exactly as the same
+    records one per line; records cite their first line and index; read in small chunks too."""
+    rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()[:30]]
+    jsonl = _jsonl(tmp_path / "a.jsonl", rows)
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps(rows, indent=2))
+    cats = [catmod.build_catalog(recipes.load(str(ROOT / "recipes" / "demo.yaml"), [
+        f"data.datasets=[{{path: '{p}', image_root: '{DEMO}'}}]"]), processor) for p in (jsonl, arr)]
+    assert [(s.length, s.tiles, s.n_supervised) for s in cats[0].samples] == \
+        [(s.length, s.tiles, s.n_supervised) for s in cats[1].samples]
+    lines = arr.read_text().splitlines()
+    for i, rec in enumerate(cats[1].records):
+        path_line, index = rec.where.split(" (")
+        assert index == f"record {i})" and path_line.startswith(f"{arr}:")
+        n = int(path_line.rsplit(":", 1)[1])
+        assert lines[n - 1] == "  {" and lines[n] == f'    "id": {rows[i]["id"]},'
+    old = json_array.ARRAY_CHUNK
+    try:
+        json_array.ARRAY_CHUNK = 7                # records cut by every chunk boundary
+        assert [json.loads(text) for _, text in json_array.records(arr)] == rows
+        assert len(list(json_array.records(arr, limit=3))) == 3
+    finally:
+        json_array.ARRAY_CHUNK = old
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"a": 1},', "record 1 is not valid JSON"),
+    ('[{"a": 1} {"b": 2}]', "expected ',' or ']' after record 0"),
+    ('[{"a": 1}', "the array is not closed"),
+    ('\n\n[{"a": 1},\n {"a": tru}]', ":4: record 1 is not valid JSON"),
+    ("", "not a JSON array"),
+])
+def test_a_broken_json_array_cites_file_and_line(tmp_path, text, message):
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        list(json_array.records(path))
+    assert f"{path}:" in e.value.errors[0] and message in e.value.errors[0]
+
+
+def test_json_array_and_meta_json_are_told_apart_by_shape(tmp_path):
+    arr = tmp_path / "x.json"
+    arr.write_text("\n  [" + json.dumps(_rows(2))[1:])
+    (d,) = sources.expand([DatasetConfig(path=str(arr))])
+    assert d.annotation == arr and len(sources.read(0, d, seed=0)) == 2
+    _jsonl(tmp_path / "t.jsonl", _rows(3))
+    meta = tmp_path / "m.json"
+    meta.write_text(json.dumps({"t": {"annotation": "t.jsonl"}}))
+    (d,) = sources.expand([DatasetConfig(path=str(meta))])
+    assert d.name == "t" and len(sources.read(0, d, seed=0)) == 3
+
+
+LLAVA = {"image": ["a.png", "b.png"], "conversations": [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "<image>\nFirst. <image>\nSecond?"},
+    {"from": "gpt", "value": "Two."}]}
+
+
+@pytest.mark.parametrize("record", [
+    {"images": ["a.png", "b.png"], "messages": [                    # ms-swift: strings
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nFirst. <image>\nSecond?"},
+        {"role": "assistant", "content": "Two."}]},
+    {"messages": [                                                  # parts with paths
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "First. "},
+                                     {"type": "image_url", "image_url": {"url": "file://b.png"}},
+                                     {"type": "text", "text": "Second?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Two."}]}]},
+    {"images": ["a.png", "b.png"], "messages": [                    # TRL: parts take 'images'
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "First. "},
+                                     {"type": "image"}, {"type": "text", "text": "Second?"}]},
+        {"role": "assistant", "content": "Two."}]},
+])
+def test_messages_format_gives_the_turns_of_the_same_llava_record(record):
+    assert sources.turns(record) == sources.turns(LLAVA)
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"messages": []}, "missing_key"),
+    ({"messages": [{"role": "user"}]}, "missing_key"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "x"}]},
+     "missing_key"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "x"}]}, "unknown_role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}]},
+     "image_count_mismatch"),
+    ({"images": ["a.png", "b.png"], "messages": [{"role": "user", "content": [{"type": "image"}]},
+                                                  {"role": "assistant", "content": "x"}]}, "image_count_mismatch"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image", "image": "a.png"}]}]}, "image_count_mismatch"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "https://x/a.png"}]},
+                   {"role": "assistant", "content": "x"}]}, "missing_image"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no_supervised_tokens"),
+])
+def test_bad_messages_records_are_counted_by_reason(record, reason):
+    with pytest.raises(chat.BadSample) as e:
+        sources.turns(record)
+    assert e.value.reason == reason
+
+
+def test_messages_records_train_like_conversations(tmp_path, processor, in_root):
+    """The demo converted to the messages format plans to the same samples."""
+    rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()[:40]]
+    converted = []
+    for r in rows:
+        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
+                 "content": t["value"]} for t in r["conversations"]]
+        imgs = r.get("image", [])
+        converted.append({"messages": msgs, "images": [imgs] if isinstance(imgs, str) else imgs})
+    a = _jsonl(tmp_path / "conv.jsonl", rows)
+    b = _jsonl(tmp_path / "msgs.jsonl", converted)
+    cats = [catmod.build_catalog(recipes.load(str(ROOT / "recipes" / "demo.yaml"), [
+        f"data.datasets=[{{path: '{p}', image_root: '{DEMO}'}}]"]), processor) for p in (a, b)]
+    assert not cats[1].dropped and len(cats[1].samples) == 40
+    assert [(s.length, s.tiles, s.n_supervised) for s in cats[0].samples] == \
+        [(s.length, s.tiles, s.n_supervised) for s in cats[1].samples]
+
+
+def test_messages_images_without_placeholders_go_before_the_first_user_text():
+    """InternVL's rule, as for LLaVA records: images with no placeholder lead the first user turn."""
+    msgs = {"images": ["a.png"], "messages": [{"role": "user", "content": "What is it?"},
+                                             {"role": "assistant", "content": "A square."}]}
+    llava = {"image": "a.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                                 {"from": "gpt", "value": "A square."}]}
+    assert sources.turns(msgs) == sources.turns(llava)
+    assert sources.turns(msgs)[0][0] == ("user", [None, "What is it?"])

@@ -161,7 +161,8 @@ def test_resume_at_step_10000_of_100k_samples_is_fast():
 
 
 def test_bad_fraction_error():
-    assert bad_fraction_error(5, 100, 0.01) is None                # 5 <= 0.01 x max(100, 1000)
+    assert bad_fraction_error(1, 100, 0.01) is None                # 1 <= 0.01 x 100
+    assert bad_fraction_error(2, 100, 0.01) is not None            # no floor of 1000 samples
     assert bad_fraction_error(10, 1000, 0.01) is None
     msg = bad_fraction_error(11, 1000, 0.01, examples={"corrupt_image": ["a.jsonl:3: x.jpg"]})
     assert "11 of 1000" in msg and "data.max_bad_fraction=0.01" in msg and "a.jsonl:3" in msg
@@ -269,7 +270,8 @@ def test_two_ranks_finish_when_one_meets_bad_samples(in_root, tmp_path, processo
 
     data = _data_with_bad_images(tmp_path, n_good=24, n_bad=8)
     over = [f"data.datasets=[{{path: {data}}}]", "data.packing.enabled=false", "train.max_steps=3",
-            "train.grad_accum_steps=1", "engine.zero_stage=2", "data.rank_balance=round_robin"]
+            "train.grad_accum_steps=1", "engine.zero_stage=2", "data.rank_balance=round_robin",
+            "data.max_bad_fraction=0.5"]  # 8 of 32 go bad: the budget must not stop this run
     bad_paths = {str(p) for p in tmp_path.glob("bad*.png")}
     cat = None
     for seed in range(200):

@@ -16,13 +16,11 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_exports_a_folder_that_reproduces_the_trained_logits(in_root, tmp_path, processor):
+def test_train_exports_a_folder_that_reproduces_the_trained_logits(in_root, tmp_path, processor, dist_env):
     from transformers import AutoModelForImageTextToText
 
-    from vlmft.distributed import setup_environment
     from vlmft.train import train
 
-    setup_environment()
     out = tmp_path / "run"
     recipe = load(DEMO, [f"output_dir={out}", "train.max_steps=6", "engine.zero_stage=2"])
     result = train(recipe)

@@ -1,27 +1,36 @@
 """vlmft command line: parse, call the library, render (rich) or serialize (--json).
 
 Heavy imports (torch, transformers, deepspeed) happen inside the commands, after the recipe has
-been validated, so ``--help`` and a bad recipe answer at once.
+been validated, so ``--help`` and a bad recipe answer at once. A mistake the user can fix (a
+recipe, a flag, data, a model folder or hub id, a folder that cannot be written) ends in one
+``error`` line and exit code 2; any other exception keeps its traceback (a bug to report).
+
+Help is Typer's plain (click) layout: its rich layout shows a flag as ``--json <bool>``, as if
+it took a value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from . import __version__
 from . import recipe as recipes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune vision-language models from YAML recipes.")
+                  rich_markup_mode=None, help="Fine-tune vision-language models from YAML recipes.")
 err = Console(stderr=True)
 out = Console()
 
 RECIPE = typer.Argument(..., help="Recipe YAML file.", show_default=False)
-OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.max_steps=10", show_default=False)
+OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.max_steps=10 or "
+                           "data.datasets.0.path=train.jsonl", show_default=False)
 
 
 def _load(path: str, overrides: Optional[list[str]]) -> recipes.Recipe:
@@ -32,9 +41,52 @@ def _load(path: str, overrides: Optional[list[str]]) -> recipes.Recipe:
 
 
 def _fail(lines: list[str]):
+    from rich.markup import escape
+
     for line in lines:
-        err.print(f"[red]error[/red] {line}", highlight=False, soft_wrap=True)
+        err.print("[red]error[/red] " + escape(line), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _note(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@contextlib.contextmanager
+def _user_errors(model: str = ""):
+    """Errors the user can fix -> one line, exit 2: recipe and data problems (RecipeError,
+    ValueError) and, through vlmft/hub.py, hub, network, missing-file and permission errors."""
+    try:
+        yield
+    except (recipes.RecipeError, ValueError) as exc:  # found later: bad data, a bad --resume, ...
+        from . import hub
+
+        msg = hub.explain(exc, model)  # huggingface_hub's errors include ValueErrors
+        _fail([msg] if msg else (getattr(exc, "errors", None) or str(exc).splitlines()))
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        from . import hub
+
+        msg = hub.explain(exc, model)
+        if msg is None:
+            raise
+        _fail([msg])
+
+
+def _version(value: bool):
+    if value:
+        print(f"vlmft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print vlmft's version and exit."),
+):
+    """Fine-tune vision-language models from YAML recipes."""
 
 
 @app.command()
@@ -42,19 +94,30 @@ def train(
     recipe: str = RECIPE,
     overrides: Optional[list[str]] = OVERRIDES,
     resume: Optional[str] = typer.Option(None, help="'auto' (latest checkpoint in output_dir) or a checkpoint folder."),
-    force: bool = typer.Option(False, help="Resume even if the recipe changed in ways that break exactness."),
+    force: bool = typer.Option(False, "--force", help="Resume even if the recipe changed in ways that break exactness."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in output_dir "
+                                   "(its checkpoints, final model and metrics are deleted)."),
 ):
     """Train on one process, or one per GPU under torchrun / the deepspeed launcher."""
+    from . import run_dir, runtime
+
     r = _load(recipe, overrides)
-    from .distributed import setup_environment
-    from .train import train as run
+    refusal = run_dir.refusal(r.output_dir, resume, overwrite) or run_dir.create(r.output_dir)
+    if refusal:
+        _fail([refusal])
+    with _user_errors(r.model.name_or_path):
+        for note in runtime.setup(r.model.name_or_path, threads=True, distributed=True):
+            _note(note)
+        note = run_dir.resume_note(r.output_dir, resume)
+        if note:
+            _note(note)
+        if overwrite and os.environ.get("RANK", "0") == "0":
+            removed = run_dir.clear(r.output_dir)
+            if removed:
+                _note(f"vlmft: --overwrite: removed {', '.join(removed)} from {r.output_dir}")
+        from .train import train as run
 
-    setup_environment()
-
-    try:
         summary = run(r, resume=resume, force=force)
-    except (recipes.RecipeError, ValueError) as exc:  # found later: bad data, a bad --resume, ...
-        _fail(getattr(exc, "errors", None) or str(exc).splitlines())
     if summary.rank == 0 and not summary.preempted:
         err.print(f"done: {summary.steps} steps, final model in {summary.final}", soft_wrap=True, highlight=False)
 
@@ -63,34 +126,42 @@ def train(
 def lr_table(
     recipe: str = RECIPE,
     overrides: Optional[list[str]] = OVERRIDES,
-    step: int = typer.Option(0, help="Show the learning rates at this optimizer step."),
+    step: int = typer.Option(1, help="Show the learning rates at this optimizer step (1 = the first, as in training's logs)."),
     by: str = typer.Option("param", help="param | layer | group"),
+    wide: bool = typer.Option(False, "--wide", help="Every column, names in full (wider than the terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print {'rows': [...], 'totals': {...}}."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows."),
 ):
     """Every parameter's group, layer id, LR, weight decay and frozen state, without weights."""
-    r = _load(recipe, overrides)
+    if as_json + as_csv + wide > 1:
+        _fail(["--json, --csv and --wide choose the output format; give one of them"])
     if by not in ("param", "layer", "group"):
         _fail([f"--by: '{by}' is not one of param, layer, group"])
+    if step < 1:
+        _fail([f"--step: steps count from 1 (the first optimizer step), got {step}"])
+    r = _load(recipe, overrides)
     from . import lr_table as lt
+    from . import runtime
 
-    try:
+    with _user_errors(r.model.name_or_path):
+        for note in runtime.setup(r.model.name_or_path):
+            _note(note)
         table = lt.lr_table(r, step=step, by=by)
-    except ValueError as exc:
-        _fail(str(exc).splitlines())
     if as_json:
         print(json.dumps(table, default=str))
     elif as_csv:
         sys.stdout.write(lt.to_csv(table))
     else:
-        out.print(lt.render(table))
+        rendered = lt.render(table, width=out.width, wide=wide)
+        console = Console(width=lt.wide_width(rendered)) if wide else out
+        console.print(rendered)
 
 
 @app.command("pack-stats")
 def pack_stats(
     recipe: str = RECIPE,
     overrides: Optional[list[str]] = OVERRIDES,
-    data: Optional[str] = typer.Option(None, help="Replace the recipe's datasets by this JSONL or meta JSON."),
+    data: Optional[str] = typer.Option(None, help="Replace the recipe's datasets by this JSONL, JSON array or meta JSON."),
     limit: int = typer.Option(0, help="Read at most N records per dataset (0 = all)."),
     strategy: Optional[str] = typer.Option(None, help="best_fit | internvl | next_fit (default: the recipe's)."),
     world_size: int = typer.Option(8, help="Ranks to report the per-rank compute balance for."),
@@ -102,16 +173,17 @@ def pack_stats(
         ov.append(f"data.datasets=[{{path: '{data}'}}]")
     if strategy:
         ov.append(f"data.packing.strategy={strategy}")
-    r = _load(recipe, ov)
-    from . import pack_stats as ps
-
     if world_size < 1:
         _fail([f"--world-size: must be >= 1, got {world_size}"])
-    try:
+    r = _load(recipe, ov)
+    from . import pack_stats as ps
+    from . import runtime
+
+    with _user_errors(r.model.name_or_path):
+        for note in runtime.setup(r.model.name_or_path):
+            _note(note)
         stats = ps.pack_stats(r, limit=limit, progress=not as_json and err.is_terminal,
                               world_size=world_size)
-    except ValueError as exc:  # RecipeError included: a bad meta JSON given with --data, ...
-        _fail(getattr(exc, "errors", None) or str(exc).splitlines())
     if as_json:
         print(json.dumps(stats))
     else:
@@ -131,17 +203,50 @@ def check(
     if samples < 1:
         _fail([f"--samples: must be >= 1, got {samples}"])
     from . import check as ck
+    from . import runtime
 
-    try:
+    with _user_errors(r.model.name_or_path):  # RecipeError and UnsupportedModel included
+        for note in runtime.setup(r.model.name_or_path, threads=True):
+            _note(note)
         report = ck.check(r, samples=samples)
-    except ValueError as exc:  # RecipeError and UnsupportedModel included
-        _fail(getattr(exc, "errors", None) or str(exc).splitlines())
     if as_json:
         print(json.dumps(report))
     else:
         out.print(ck.render(report))
     if not ck.passed(report):
         raise typer.Exit(1)
+
+
+@app.command("recipe")
+def recipe_schema(
+    section: Optional[str] = typer.Argument(None, help="A section or key, e.g. optim or data.packing.", show_default=False),
+    init: bool = typer.Option(False, "--init", help="Print a commented starting recipe instead: vlmft recipe --init > my.yaml"),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+):
+    """Every recipe key with its type, default and help text (or a starting recipe with --init)."""
+    from . import recipe_doc
+
+    if init and (section or as_json):
+        _fail(["--init prints the whole starting recipe; give it alone"])
+    if init:
+        sys.stdout.write(recipe_doc.starter())
+        return
+    try:
+        rows = recipe_doc.schema(section)
+    except ValueError as exc:
+        _fail([str(exc)])
+    if as_json:
+        print(json.dumps(rows))
+        return
+    import textwrap
+
+    width = max(60, min(out.width, 100))
+    for row in rows:
+        kind = row["type"] + ("" if row["default"] is None else f" = {row['default']}")
+        if row["choices"]:
+            kind += f"  ({' | '.join(map(str, row['choices']))})"
+        print(f"{row['key']}: {kind}")
+        print(textwrap.fill(row["help"], width=width, initial_indent="    ", subsequent_indent="    "))
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 The model is built from its config on the meta device (:func:`vlmft.model.meta_model`: names and
 shapes, no memory), planned by :func:`vlmft.optim.plan` with the recipe's ``optim`` section,
-and each trainable parameter's lr at ``step`` is ``optim.lr x lr_scale x lr_factor(step)``
-(frozen ones show lr 0). Nothing here imports deepspeed.
+and each trainable parameter's lr at optimizer step ``step`` is ``optim.lr x lr_scale x
+lr_factor(step - 1)`` (frozen ones show lr 0). Steps count from 1 as training's do: step 1 is the
+first optimizer step, the ``step`` of metrics.jsonl's first row. Nothing here imports deepspeed.
 
 ``by``: ``param`` (one row per tensor), ``layer`` (one row per tower and layer id) or ``group``
 (one row per optimizer group, plus one ``frozen`` row). The ``groups`` entry of the table is the
@@ -24,19 +25,25 @@ from .schedule import lr_factor
 VIEWS = ("param", "layer", "group")
 
 
-def lr_table(recipe: Recipe, step: int = 0, by: str = "param") -> dict:
+def lr_table(recipe: Recipe, step: int = 1, by: str = "param") -> dict:
     """The table for a recipe's model (built on the meta device from its config)."""
     from .model import meta_model
 
     return table_for_model(meta_model(recipe.model), recipe, step=step, by=by)
 
 
-def table_for_model(model, recipe: Recipe, step: int = 0, by: str = "param") -> dict:
+def table_for_model(model, recipe: Recipe, step: int = 1, by: str = "param") -> dict:
     """The same table for a model already built (any device; weights are not read)."""
     if by not in VIEWS:
         raise ValueError(f"by: {by!r} is not one of {', '.join(VIEWS)}")
+    if step < 1:
+        raise ValueError(f"--step: steps count from 1 (the first optimizer step), got {step}")
+    if recipe.train.max_steps < 1:
+        raise ValueError("train.epochs: the run's length in steps comes from the data, which "
+                         "lr-table does not read; add train.epochs=0 train.max_steps=N "
+                         "(vlmft train prints N at start-up)")
     rows, groups = plan(model, recipe.optim)
-    factor = lr_factor(step, recipe.schedule, recipe.train.max_steps)
+    factor = lr_factor(step - 1, recipe.schedule, recipe.train.max_steps)
     base = recipe.optim.lr * factor
     params = [_param_row(r, base) for r in rows]
     group_rows = []
@@ -142,33 +149,89 @@ def _cell(v):
     return v
 
 
-def render(table: dict):
-    """A rich Table of the rows with the totals as caption (the CLI prints it)."""
+# the columns of each view: all of them with --wide, else the ones that fit 80 columns
+WIDE = {"param": ["name", "module", "shape", "tower", "layer_id", "lr", "weight_decay", "group",
+                  "reason"],
+        "layer": ["name", "tower", "layer_id", "numel", "lr", "lr_min", "weight_decay", "frozen",
+                  "group"],
+        "group": ["name", "layers", "tensors", "numel", "lr", "weight_decay"]}
+NARROW = {"param": ["name", "layer", "lr", "weight_decay", "group"],
+          "layer": ["name", "numel", "lr", "lr_min", "weight_decay", "frozen"],
+          "group": ["name", "layers", "lr", "weight_decay"]}
+HEADS = {"weight_decay": "wd", "layer_id": "layer id", "lr_min": "lr min"}
+NAME_MIN = 16
+
+
+def render(table: dict, width: int = 80, wide: bool = False):
+    """A rich Table of the rows with the totals as caption (the CLI prints it).
+
+    Narrow (the default): the columns of ``NARROW``, parameter names abbreviated from the left
+    (``…layers.0.mlp.up_proj.weight``) so that each row fits ``width``; LRs in short scientific
+    form (``3e-3``, ``2.45e-5``), never cut. ``wide``: every column, nothing abbreviated (print
+    it on a console as wide as :func:`wide_width` says)."""
+    from rich import box
     from rich.table import Table
 
     by = table["by"]
-    cols = {"param": ["name", "module", "shape", "tower", "layer_id", "lr", "weight_decay",
-                      "group", "reason"],
-            "layer": ["name", "tower", "layer_id", "numel", "lr", "lr_min", "weight_decay",
-                      "frozen", "group"],
-            "group": ["name", "layers", "tensors", "numel", "lr", "weight_decay"]}[by]
+    cols = (WIDE if wide else NARROW)[by]
+    cells = [[_fmt(c, r) for c in cols] for r in table["rows"]]
+    heads = [HEADS.get(c, c) for c in cols]
+    need = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
+    if not wide:  # the name column takes what the others leave (2 of padding, 1 rule each)
+        room = max(NAME_MIN, width - sum(n + 3 for n in need[1:]) - 1)
+        cells = [[_abbreviate(row[0], room)] + row[1:] for row in cells]
     t = table["totals"]
     caption = (f"step {table['step']} (lr x{table['lr_factor']:.4g}); trainable {t['trainable']:,} "
                f"(decayed {t['decayed']:,}, not decayed {t['non_decayed']:,}); frozen "
                f"{t['frozen']:,}; {t['groups']} optimizer groups")
-    out = Table(title=f"lr-table: {table['model']}", caption=caption)
-    for c in cols:
-        out.add_column(c, justify="right" if c in ("numel", "lr", "lr_min", "tensors") else "left")
-    for r in table["rows"]:
-        out.add_row(*(_fmt(c, r.get(c)) for c in cols))
+    out = Table(title=f"lr-table: {table['model']}", caption=caption, box=box.SIMPLE_HEAD,
+                show_edge=False, pad_edge=False, padding=(0, 1))
+    for i, (c, h) in enumerate(zip(cols, heads)):
+        out.add_column(h, justify="right" if c in ("numel", "lr", "lr_min", "tensors") else "left",
+                       no_wrap=c != "layers", overflow="fold" if c == "layers" else "ellipsis",
+                       min_width=None if i == 0 or c == "layers" else need[i])
+    for row in cells:
+        out.add_row(*row)
     return out
 
 
-def _fmt(col, v) -> str:
+def wide_width(renderable) -> int:
+    """The console width at which ``renderable`` prints with no cell cut."""
+    from rich.console import Console
+
+    return Console(width=10**5).measure(renderable).maximum
+
+
+def _abbreviate(name: str, room: int) -> str:
+    """``name`` cut from the left to ``room`` characters at a dot where one is near."""
+    if len(name) <= room:
+        return name
+    tail = name[len(name) - room + 1:]
+    dot = tail.find(".")
+    if 0 <= dot < room // 3:
+        tail = tail[dot + 1:]
+    return "…" + tail
+
+
+def sci(v: float) -> str:
+    """A learning rate in short scientific form: 3e-3, 2.45e-5, 0."""
+    if v == 0:
+        return "0"
+    mantissa, exp = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def _fmt(col: str, r: dict) -> str:
+    if col == "layer":
+        lid = r.get("layer_id")
+        return f"{r['tower']}[{lid}]" if lid is not None else str(r["tower"])
+    v = r.get(col)
+    if col == "group" and v is None and r.get("frozen"):
+        return "frozen"
     if v is None:
         return "-"
     if col in ("lr", "lr_min"):
-        return f"{v:.3e}"
+        return sci(v)
     if col == "numel":
         return f"{v:,}"
     if isinstance(v, (list, tuple)):

@@ -2,9 +2,13 @@
 
 A recipe is a YAML file read with OmegaConf plus ``key.path=value`` overrides from the command
 line. The schema is written once, here, as dataclasses; the string under each field is its help
-text (read back by :func:`field_docs`, shown by ``vlmft train --help-recipe`` and in errors).
+text (read back by :func:`field_docs`; ``vlmft recipe [SECTION]`` prints it with the defaults,
+``vlmft recipe --init`` writes a commented starting recipe from it).
 
-Validation collects *every* problem before anything heavy is imported (no torch, no deepspeed:
+Overrides are OmegaConf dot-lists applied to the file's tree, so list items are addressed by
+index: ``data.datasets.0.path=train.jsonl`` (or ``data.datasets[0].path=...``).
+
+Validation (vlmft/validation.py, which does not import this module) collects *every* problem before anything heavy is imported (no torch, no deepspeed:
 ``vlmft`` answers a bad recipe in well under 2 s) and reports each as ``key.path: message``,
 with the file line, the valid choices, or a did-you-mean for unknown keys. The CLI prints them
 and exits with code 2.
@@ -26,7 +30,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .validation import check_section, semantic_checks, yaml_lines
+from .validation import bracketed, check_section, override_problem, semantic_checks, yaml_lines
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -52,7 +56,8 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = ""
-    """Conversation JSONL (LLaVA/InternVL format) or an InternVL meta JSON."""
+    """Conversation JSONL (a record a line) or a .json array of records, each in the
+    LLaVA/InternVL 'conversations' or the 'messages' format; or an InternVL meta JSON."""
     name: str = ""
     """Name used in reports; defaults to the file name."""
     image_root: str = ""
@@ -220,7 +225,11 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    """Optimizer steps to run."""
+    """Optimizer steps to run. Leave it out when train.epochs is set."""
+    epochs: float = 0.0
+    """Passes over the data (every dataset's samples x repeat_time) instead of max_steps: the
+    steps are computed from the pack plan (packs per pass / global batch, rounded up) and printed
+    at start-up. 0 = use max_steps."""
     micro_batch_size: int = 1
     """Packs per rank per micro-batch (one forward/backward)."""
     grad_accum_steps: int = 1
@@ -309,7 +318,8 @@ class RecipeError(ValueError):
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a schema dataclass (the help text)."""
+    """The docstring under each field of a schema dataclass: its help text, as ``vlmft recipe``
+    prints it."""
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
@@ -348,19 +358,24 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
         errors.append(f"{o}: an override must look like key.path=value")
     good = [o for o in overrides if "=" in o]
     for o in good:  # a value from the command line is not on the file's line
-        key = o.split("=", 1)[0].lstrip("+~")
+        key = bracketed(o.split("=", 1)[0].lstrip("+~"))
         lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")
                  and not k.startswith(key + "[")}
     if good:
-        try:
-            dot = OmegaConf.to_container(OmegaConf.from_dotlist(good))
-        except Exception as exc:
-            raise RecipeError([f"overrides: {exc}"], source) from None
-        raw = OmegaConf.to_container(OmegaConf.merge(raw, dot))
+        conf = OmegaConf.create(raw)
+        for o in good:  # one at a time, so each bad one is named
+            try:
+                conf.merge_with_dotlist([o])
+            except Exception as exc:
+                errors.append(override_problem(o, raw, exc))
+        raw = OmegaConf.to_container(conf)
     try:
         raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception as exc:  # a bad ${interpolation}
         raise RecipeError([f"interpolation: {exc}"], source) from None
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("epochs") and "max_steps" not in train:
+        train["max_steps"] = 0  # from the data: vlmft/data/epochs.py turns epochs into steps
     check_section(raw, Recipe, "", errors)
     if errors:
         raise RecipeError(_with_lines(errors, lines, source), source)

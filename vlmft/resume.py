@@ -32,9 +32,12 @@ def compare(saved: dict, current: dict, saved_world: int, world: int) -> tuple[l
     """(warnings, refusals) for resuming a run saved with ``saved`` onto ``current``."""
     a, b = flatten(saved), flatten(current)
     warnings, refusals = [], []
+    # train.epochs runs were saved with the steps it came to (vlmft/data/epochs.py); the resumed
+    # run computes them again from the same data (the plan state refuses changed data)
+    derived = ("train.epochs", "train.max_steps") if current["train"].get("epochs") else ()
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, "<unset>"), b.get(key, "<unset>")
-        if old == new or key.startswith(FREE) or key in SPLIT:
+        if old == new or key.startswith(FREE) or key in SPLIT or key in derived:
             continue
         line = f"{key}: {old!r} -> {new!r}"
         (warnings if key.startswith(WARN) else refusals).append(line)

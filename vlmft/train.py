@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from . import engine as ds
 from . import loss as lossmod
 from . import optim, schedule
+from .data import drops, epochs
 from .data.catalog import build_catalog
 from .data.loader import StepLoader, bad_fraction_error
 from .distributed import all_reduce_sum
@@ -238,6 +239,14 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
         raise RecipeError(problems)
     processor = load_processor(recipe.model, config)
     catalog = build_catalog(recipe, processor)  # before the weights: bad data fails fast
+    # nothing dropped silently: the drop table, then the per-dataset budget (vlmft/data/drops.py)
+    if rank == 0 and drops.table_lines(catalog):
+        print("\n".join(drops.table_lines(catalog)), file=sys.stderr)
+    if drops.budget_errors(catalog, recipe.data.max_bad_fraction):
+        raise RecipeError(drops.budget_errors(catalog, recipe.data.max_bad_fraction))
+    recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
+    if rank == 0 and steps_note:
+        print(steps_note, file=sys.stderr)
     model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
@@ -263,8 +272,9 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
                   f"({sum(catalog.dropped.values())} dropped), zero stage {recipe.engine.zero_stage}, "
                   f"{recipe.engine.precision}, steps {start + 1}..{recipe.train.max_steps}"
                   + (f", resumed from {resume_from}" if resume_from else ""))
+    # the bad-data budget counts planning drops and materialization failures against samples read
     return Run(recipe, rank, world, out, processor, catalog, model, optimizer, eng, loader, metrics,
-               start, resume_from, step=start)
+               start, resume_from, step=start, bad=sum(catalog.dropped.values()), seen=len(catalog.records))
 
 
 def loop(run: Run) -> None:

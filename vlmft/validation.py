@@ -1,7 +1,9 @@
 """Recipe validation: the type walk over the schema and the checks on values.
 
-Every problem is collected (never the first only) as ``key.path: message``; the caller adds
-file lines and raises one RecipeError. Nothing here imports torch.
+Every problem is collected (never the first only) as ``key.path: message``; the caller
+(vlmft/recipe.py ``load``) adds file lines and raises one RecipeError. This module works on any
+schema dataclass and on the loaded recipe object it is handed; it imports neither torch nor
+vlmft.recipe (recipe.py imports it, never the other way round).
 """
 
 from __future__ import annotations
@@ -9,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
 
 
 def yaml_lines(path: Path) -> dict[str, int]:
@@ -39,6 +39,33 @@ def yaml_lines(path: Path) -> dict[str, int]:
     except yaml.YAMLError:
         pass
     return out
+
+
+def bracketed(key: str) -> str:
+    """``data.datasets.0.path`` -> ``data.datasets[0].path`` (how errors and lines name keys)."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+
+
+def override_problem(override: str, raw: dict, exc: Exception) -> str:
+    """One line for an override OmegaConf could not apply: an index past a list's end, a list
+    addressed by name, or OmegaConf's own first line."""
+    key = override.split("=", 1)[0]
+    node, path = raw, []
+    for part in re.split(r"\.|\[|\]\.?", key.lstrip("+~")):
+        if isinstance(node, list):
+            where = ".".join(path)
+            if not part.isdigit():
+                return f"{key}: {where} is a list; address an item by its index, e.g. {where}.0"
+            if int(part) >= len(node):
+                return (f"{key}: {where} has {len(node)} item(s) (indices from 0); to add one, "
+                        f"give the whole list: {where}=[{{...}}, {{...}}]")
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            break
+        path.append(part)
+    return f"{override}: cannot apply this override: {str(exc).splitlines()[0]}"
 
 
 def _check_value(value, tp, key: str, errors: list[str]):
@@ -126,21 +153,19 @@ def _balance_checks(d, e: list[str]) -> None:
                 e.append(f"data.{k}: only used with data.adaptive=progress or difficulty")
 
 
-def semantic_checks(r: Recipe) -> list[str]:
-    """Checks on values that are well-typed: ranges, files that must exist, combinations."""
+def semantic_checks(r) -> list[str]:
+    """Checks on the values of a well-typed recipe (a vlmft.recipe.Recipe): ranges, files that
+    must exist, a writable output_dir, combinations."""
     e = []
 
     def positive(key, v, allow_zero=False):
         if v < 0 or (v == 0 and not allow_zero):
             e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
-    name = r.model.name_or_path
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
-    if not name:
-        e.append("model.name_or_path: required: a local model folder or a hub id")
-    elif looks_local and not Path(name).expanduser().is_dir():
-        e.append(f"model.name_or_path: folder '{name}' not found (relative paths are from "
-                 f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'")
+    e += model_problems(r.model.name_or_path)
+    problem = output_dir_problem(r.output_dir)
+    if problem:
+        e.append(f"output_dir: {problem}")
     if not r.data.datasets:
         e.append("data.datasets: at least one dataset is required, e.g. - path: data/train.jsonl")
     for i, d in enumerate(r.data.datasets):
@@ -196,7 +221,11 @@ def semantic_checks(r: Recipe) -> list[str]:
     positive("schedule.warmup_steps", r.schedule.warmup_steps, allow_zero=True)
     if not 0.0 <= r.schedule.min_lr_ratio <= 1.0:
         e.append("schedule.min_lr_ratio: must be in [0, 1]")
-    positive("train.max_steps", r.train.max_steps)
+    positive("train.epochs", r.train.epochs, allow_zero=True)
+    if r.train.epochs > 0 and r.train.max_steps > 0:
+        e.append("train.epochs: set either train.max_steps or train.epochs, not both")
+    elif not r.train.epochs > 0:
+        positive("train.max_steps", r.train.max_steps)
     positive("train.micro_batch_size", r.train.micro_batch_size)
     positive("train.grad_accum_steps", r.train.grad_accum_steps)
     positive("train.max_nonfinite_steps", r.train.max_nonfinite_steps)
@@ -220,3 +249,36 @@ def semantic_checks(r: Recipe) -> list[str]:
     positive("checkpoint.keep_last", r.checkpoint.keep_last)
     positive("log.every_steps", r.log.every_steps)
     return e
+
+
+def model_problems(name: str) -> list[str]:
+    """model.name_or_path: a hub id 'org/name', or a folder that exists and holds config.json."""
+    folder = Path(name).expanduser()
+    if not name:
+        return ["model.name_or_path: required: a local model folder or a hub id"]
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_local and not folder.is_dir():
+        return [f"model.name_or_path: folder '{name}' not found (relative paths are from "
+                f"{os.getcwd()}); give an existing folder or a hub id like 'org/name'"]
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return [f"model.name_or_path: folder '{name}' has no config.json; give the folder of an "
+                "HF model (from save_pretrained, or downloaded with `hf download ORG/NAME`)"]
+    return []
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be created or written (no file is written to find out), else None."""
+    if not path:
+        return "required: the folder for metrics, checkpoints and the final model"
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return f"'{path}' exists and is not a folder; choose another output_dir"
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        return f"'{path}' cannot be created: '{q}' is a file; choose another output_dir"
+    if not os.access(q, os.W_OK | os.X_OK):
+        return (f"'{path}' cannot be written: no write permission in '{q}'; choose another "
+                "output_dir or fix the folder's permissions")
+    return None

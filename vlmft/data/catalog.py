@@ -7,7 +7,9 @@ many records the chunks go to a pool of forked worker processes (``workers``), a
 results are merged in record order, so the catalog is the same whatever the worker count.
 
 Bad samples. Each is counted under its own reason, with the first few ``file:line: detail``
-kept as examples (:data:`REASONS` lists them), and never replaced by another sample. A sample
+kept as examples (:data:`REASONS` lists them), per dataset too, and never replaced by another
+sample; a too_long or too_many_tiles drop also records the limit that would have kept it
+(``needs``). vlmft/data/drops.py reports them and judges data.max_bad_fraction. A sample
 whose supervised tokens are below ``data.packing.min_active_tokens_ratio`` of its length
 (InternVL's check_valid) is dropped the same way, as ``low_supervised_ratio``. Under
 ``data.on_bad_sample: error`` the first one (in record order) stops the run with a
@@ -35,7 +37,8 @@ POOL_MIN_RECORDS = 8192  # fewer records than this are planned in-process
 REASONS = {  # reason -> how to fix it (the hint of on_bad_sample=error)
     "invalid_json": "fix the line: each line must be one JSON object",
     "missing_key": "each record needs 'conversations': [{'from': ..., 'value': '...'}, ...] "
-                   "and 'image' must be a path or a list of paths",
+                   "('image': a path or a list of paths) or 'messages': [{'role': ..., "
+                   "'content': ...}, ...] ('images': a list of paths)",
     "unknown_role": "use 'from': system, human or gpt (user and assistant are accepted too)",
     "image_count_mismatch": "give one '<image>' placeholder per image, in human turns only",
     "missing_image": "check the path, or set image_root / the meta JSON's 'root'",
@@ -77,13 +80,25 @@ class Catalog:
     truncated: int = 0
     truncated_examples: list = field(default_factory=list)
     dropped_by_dataset: dict = field(default_factory=lambda: defaultdict(Counter))
+    examples_by_dataset: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    needs: dict = field(default_factory=dict)  # (dataset, reason) -> the limit that keeps them all
 
-    def drop(self, reason: str, where: str, detail: str = "", dataset: int | None = None) -> None:
+    def drop(self, reason: str, where: str, detail: str = "", dataset: int | None = None,
+             need: int = 0) -> None:
         self.dropped[reason] += 1
+        example = f"{where}: {detail}" if detail else where
+        _keep(self.examples[reason], example)
         if dataset is not None:
             self.dropped_by_dataset[dataset][reason] += 1
-        if len(self.examples[reason]) < EXAMPLES_PER_REASON:
-            self.examples[reason].append(f"{where}: {detail}" if detail else where)
+            _keep(self.examples_by_dataset[dataset][reason], example)
+            if need:
+                self.needs[dataset, reason] = max(need, self.needs.get((dataset, reason), 0))
+
+
+def _keep(examples: list, example: str) -> None:
+    """The first EXAMPLES_PER_REASON distinct examples (repeat_time repeats a record)."""
+    if len(examples) < EXAMPLES_PER_REASON and example not in examples:
+        examples.append(example)
 
 
 def build_catalog(recipe: Recipe, processor, *, limit: int = 0, on_step=None,
@@ -138,7 +153,7 @@ def _collect(recipe, processor, cat: Catalog, workers: int, strict: bool, on_ste
                 continue
             if strict:
                 raise RecipeError([bad_sample_message(rec.where, res.reason, res.detail)])
-            cat.drop(res.reason, rec.where, res.detail, rec.dataset)
+            cat.drop(res.reason, rec.where, res.detail, rec.dataset, res.need)
         done += len(results)
         if on_step:
             on_step(done, n)
@@ -215,12 +230,14 @@ def plan_records(recipe: Recipe, processor, cat: Catalog, start: int, end: int) 
         elif p.n_supervised == 0:
             out[k] = chat.BadSample("no_supervised_tokens", "no assistant token to train on")
         elif p.length > cap and packing.overlong == "drop":
-            out[k] = chat.BadSample("too_long", f"{p.length} tokens > max_packed_tokens={cap}")
+            out[k] = chat.BadSample("too_long", f"{p.length} tokens > max_packed_tokens={cap}", p.length)
         elif p.length > cap and (t := tokens.truncated_plan(processor, segs, mt, cap)) is None:
             out[k] = chat.BadSample("too_long", f"{p.length} tokens > max_packed_tokens={cap} and "
-                                    "no cut at a text boundary after the images keeps a supervised token")
+                                    "no cut at a text boundary after the images keeps a supervised token",
+                                    p.length)
         elif tile_cap and p.tiles > tile_cap:
-            out[k] = chat.BadSample("too_many_tiles", f"{p.tiles} tiles > num_images_expected={tile_cap}")
+            out[k] = chat.BadSample("too_many_tiles", f"{p.tiles} tiles > num_images_expected={tile_cap}",
+                                    p.tiles)
         elif p.length > cap:
             out[k] = (t.length, t.tiles, t.n_supervised, f"truncated {p.length} -> {cap} tokens", p.length,
                       t.num_images)

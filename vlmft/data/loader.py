@@ -38,14 +38,15 @@ _WAIT = "wait"   # a task that builds nothing: issued while the workers are far 
 _WAIT_S = 0.02
 
 
-def bad_fraction_error(bad: int, seen: int, max_fraction: float, *, min_seen: int = 1000,
+def bad_fraction_error(bad: int, seen: int, max_fraction: float, *,
                        examples: dict | None = None) -> str | None:
-    """The message that stops training when more than ``max_fraction`` of the samples were bad,
-    else None. Pass counts summed over all ranks (so every rank decides the same): ``bad`` =
-    samples that failed, ``seen`` = samples read (good and bad). Judged against
-    max(seen, min_seen): the first ``max_fraction x min_seen`` bad samples never stop a run
-    that has just started. ``examples``: reason -> ["file:line: detail"] for the message."""
-    if bad <= max_fraction * max(seen, min_seen):
+    """The message that stops training when more than ``max_fraction`` of the samples read were
+    bad, else None. ``bad`` = samples dropped while planning (every reason) plus samples that
+    failed to materialize since; ``seen`` = samples read: the catalog's records plus samples
+    materialized since (good and bad). Pass counts summed over all ranks (so every rank decides
+    the same). No floor: the first bad sample over the fraction stops even a small run.
+    ``examples``: reason -> ["file:line: detail"] for the message."""
+    if bad <= max_fraction * seen:
         return None
     msg = (f"{bad} of {seen} samples read were bad ({100 * bad / max(seen, 1):.2f}%), more than "
            f"data.max_bad_fraction={max_fraction:g}")
