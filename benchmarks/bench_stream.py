@@ -116,11 +116,13 @@ def make_model_folder(out: Path) -> Path:
     from vlmft.models import image_only
 
     corpus = ["system user assistant " + " ".join(WORDS)] * 4 + [_words(random.Random(k), 5, 50) for k in range(400)]
-    tok = make_tokenizer(corpus)
+    tok = make_tokenizer(corpus, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+                         extra={"start_image_token": "<img>", "end_image_token": "</img>",
+                                "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
     ip = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True,
                                   min_patches=1, max_patches=MAX_PATCHES)
     proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=SEQ,
-                                         chat_template=CHAT_TEMPLATE)
+                                         chat_template=CHAT_TEMPLATE.replace("<image>", "<IMG_CONTEXT>"))
     out.mkdir(parents=True, exist_ok=True)
     proc.save_pretrained(out)
     InternVLConfig(text_config=dict(model_type="qwen2", vocab_size=len(tok)),

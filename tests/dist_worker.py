@@ -125,9 +125,9 @@ def variant(one: dict, d: float = 1.0, masked: bool = False) -> dict:
 
 
 # The step's ten samples (catalog index, d(s), masked): images with 1 and 2 pictures and text-only
-# ones, 4 to 12 supervised tokens, d(s) in {0.5, 1, 2}, one fully masked. Demo catalog (first 30
-# records): 0 img 45 tok 6 sup; 2 img 92/8; 3 two imgs 73/4; 4 text 31/7; 8 img 93/9; 10 text 33/9;
-# 13 img 38/7; 22 text 36/12; 26 img 77/9; 28 text 35/11.
+# ones, d(s) in {0.5, 1, 2}, one fully masked. Demo catalog (first 30 records, kinds by index
+# mod 6, vlmft/demo_assets.py): 0 one image (colour); 2, 8, 26 one image (two turns); 3 two images;
+# 13 one image (shape); 4, 10, 22, 28 text only.
 STEP_SAMPLES = [(0, 1.0, False), (3, 2.0, False), (4, 1.0, False), (22, 0.5, False),
                 (8, 1.0, False), (10, 1.0, True), (13, 1.0, False), (28, 2.0, False),
                 (2, 1.0, False), (26, 0.5, False)]
@@ -223,15 +223,18 @@ def full_params(eng, model) -> dict:
 
 
 def compare(got: dict, ref: dict) -> dict:
-    """Relative errors: over all parameters together and the worst tensor (tensors whose
-    reference norm is below 1e-6 of the global norm are judged against the global norm)."""
+    """Relative errors: over all parameters together and the worst tensor. A tensor whose
+    reference gradient is below 1e-4 of the global norm is judged against that floor: an
+    attention key bias has a true gradient of exactly 0 (softmax ignores a shift shared by all
+    keys), so its float gradient is rounding noise (~2e-11 of the global norm measured on the
+    demo's CLIP tower), which no relative bar can hold."""
     diff2 = sum(float((got[n].double() - ref[n].double()).norm() ** 2) for n in ref)
     ref2 = sum(float(ref[n].double().norm() ** 2) for n in ref)
     gnorm = math.sqrt(ref2)
     worst, worst_name = 0.0, None
     for n, g in ref.items():
         r = float(g.double().norm())
-        e = float((got[n].double() - g.double()).norm()) / max(r, 1e-6 * gnorm)
+        e = float((got[n].double() - g.double()).norm()) / max(r, 1e-4 * gnorm)
         if e > worst:
             worst, worst_name = e, n
     return {"rel_global": math.sqrt(diff2) / gnorm, "rel_worst_tensor": worst,
@@ -368,8 +371,9 @@ FREEZE_CASES = [  # (override, stage, names it must freeze)
     ("optim.freeze.language=true", 3, lambda n: n.startswith("model.language_model.")),
     ("optim.freeze.lm_head=true", 1, lambda n: n.startswith("lm_head.")),
     ("optim.freeze.vision_first_layers=1", 2,
-     lambda n: n.startswith(("model.vision_tower.embeddings.", "model.vision_tower.encoder.layer.0."))),
-    ("optim.freeze.vision_last_layers=1", 3, lambda n: n.startswith("model.vision_tower.encoder.layer.1.")),
+     lambda n: n.startswith(("model.vision_tower.embeddings.", "model.vision_tower.pre_layrnorm.",
+                             "model.vision_tower.encoder.layers.0."))),
+    ("optim.freeze.vision_last_layers=1", 3, lambda n: n.startswith("model.vision_tower.encoder.layers.1.")),
 ]
 
 
@@ -379,7 +383,7 @@ def optim_recipe(stage: int, extra=()):
                     "optim.weight_decay=0.1", "optim.layer_decay.vision=0.8",
                     "optim.layer_decay.language=0.9", "engine.gradient_clipping=0.0",
                     "output_dir=unused", *extra])
-    r.optim.lr_multipliers = {"model.multi_modal_projector.*": 10.0, "*lambda_*": 0.5}
+    r.optim.lr_multipliers = {"model.multi_modal_projector.*": 10.0, "*self_attn.k_proj.*": 0.5}
     r.optim.no_decay = ["model.language_model.layers.0.mlp.*"]
     return r
 

@@ -53,7 +53,7 @@ def conv(q="<image>\nWhat is it?", a="A square.", **extra):
 
 def write_bad_dataset(tmp_path):
     """One good image sample, one bad sample of each kind, one good text sample; line -> reason."""
-    shutil.copy(ROOT / "demo" / "data" / "images" / "001_yellow_square.png", tmp_path / "good.png")
+    shutil.copy(ROOT / "demo" / "data" / "images" / "001_blue_square.png", tmp_path / "good.png")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("this is not an image\n")
     (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
@@ -114,7 +114,7 @@ def test_truncate_keeps_an_overlong_sample_cut_at_a_text_boundary(tmp_path, proc
     ("word " * 80 + "?", 60, False),              # nothing supervised before the cut
 ])
 def test_truncated_plan_agrees_with_truncate(processor, q, cap, keeps):
-    rec = conv(q=q, a="alpha beta gamma " * 20, image="images/001_yellow_square.png")
+    rec = conv(q=q, a="alpha beta gamma " * 20, image="images/001_blue_square.png")
     segs = chat.sample_segments(processor, rec, ROOT / "demo" / "data")
     p = tokens.truncated_plan(processor, segs, 0, cap)
     enc = tokens.encode(processor, segs)
@@ -128,7 +128,7 @@ def test_truncated_plan_agrees_with_truncate(processor, q, cap, keeps):
 
 
 def test_a_lower_pixel_guard_makes_a_bomb(tmp_path, processor, in_root, monkeypatch):
-    shutil.copy(ROOT / "demo" / "data" / "images" / "001_yellow_square.png", tmp_path / "x.png")
+    shutil.copy(ROOT / "demo" / "data" / "images" / "001_blue_square.png", tmp_path / "x.png")
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(conv(image="x.png")) + "\n")
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)

@@ -57,14 +57,17 @@ def test_tiles_are_counted_apart_from_images_and_text_only_has_none(processor):
     multi = next(r for r in RECORDS if isinstance(r.get("image"), list))
     plan, enc = _encode(processor, multi)
     assert plan.num_images == 2 and plan.tiles >= 2
-    assert enc.vision["pixel_values"].shape[0] == plan.tiles
+    # LLaVA-NeXT: [images, patches (padded to the most), 3, H, W]; an image's tiles are its
+    # base tile plus its anyres grid, which image_sizes decide
+    assert enc.vision["pixel_values"].shape[0] == 2 == len(enc.vision["image_sizes"])
+    assert enc.vision["pixel_values"].shape[1] <= plan.tiles == enc.tiles
     text = next(r for r in RECORDS if "image" not in r)
     plan, enc = _encode(processor, text)
     assert plan.tiles == 0 and not enc.vision  # no dummy tile
 
 
 def test_image_without_placeholder_goes_before_first_question(processor):
-    rec = {"image": "images/001_yellow_square.png",
+    rec = {"image": "images/001_blue_square.png",
            "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square."}]}
     msgs, paths = chat.messages(rec, DATA)
     assert msgs[0]["content"][0] == {"type": "image"} and len(paths) == 1

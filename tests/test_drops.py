@@ -34,7 +34,7 @@ def test_a_dataset_lost_to_a_wrong_image_root_is_named(tmp_path, processor, in_r
     over, extra = _two_datasets(tmp_path, _image_rows(30), str(tmp_path / "nowhere"))
     cat = catmod.build_catalog(recipes.load(DEMO, over), processor)
     rows = drops.per_dataset(cat)
-    assert [(r["read"], r["used"], r["dropped"]) for r in rows] == [(240, 240, 0), (30, 0, 30)]
+    assert [(r["read"], r["used"], r["dropped"]) for r in rows] == [(480, 480, 0), (30, 0, 30)]
     assert rows[1]["reasons"]["missing_image"]["count"] == 30
     (line,) = drops.budget_errors(cat, 0.01)
     assert line.startswith(f"dataset 'extra' ({extra}): all 30 samples dropped (missing_image 30; "
@@ -42,7 +42,7 @@ def test_a_dataset_lost_to_a_wrong_image_root_is_named(tmp_path, processor, in_r
     assert "set image_root" in line
     assert drops.budget_errors(cat, 1.0) == [line]             # all lost stops even at 100% allowed
     table = drops.table_lines(cat)
-    assert table[0] == "vlmft: 30 of 270 samples dropped while planning (reason, count, first examples):"
+    assert table[0] == "vlmft: 30 of 510 samples dropped while planning (reason, count, first examples):"
     assert f"  extra ({extra}): 30 of 30 dropped" in table and "    missing_image: 30" in table
     assert [t.strip().split(":")[:2] for t in table if t.startswith("      ")] == \
         [[str(extra), "1"], [str(extra), "2"], [str(extra), "3"]]
@@ -130,7 +130,7 @@ def test_training_budget_counts_planning_drops_and_materialization_together(
     rows = [json.loads(line) for line in _image_rows(40)]
     for i, row in enumerate(rows):
         row["image"] = str(tmp_path / f"img{i}.png")
-        shutil.copy(ROOT / "demo" / "data" / "images" / "001_yellow_square.png", row["image"])
+        shutil.copy(ROOT / "demo" / "data" / "images" / "001_blue_square.png", row["image"])
     lines = [json.dumps(row) for row in rows]
     if planning_drops:
         lines[-planning_drops:] = ["{broken"] * planning_drops

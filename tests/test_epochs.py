@@ -16,7 +16,7 @@ from .conftest import DEMO
 
 
 def _epoch_recipe(tmp_path, *over):
-    src = DEMO.read_text().replace("  max_steps: 100\n", "  epochs: 1\n")
+    src = DEMO.read_text().replace("  max_steps: 800\n", "  epochs: 1\n")
     path = tmp_path / "r.yaml"
     path.write_text(src)
     return R.load(path, list(over))
@@ -39,7 +39,7 @@ def test_without_packing_an_epoch_is_one_step_per_global_batch_of_samples(tmp_pa
     cat = build_catalog(r, processor)
     steps, _, batch = epochs.steps_for(r, cat, world)
     assert batch == mbs * gas * world
-    assert steps == math.ceil(e * 240 / batch)                  # by hand: 240 samples, one a row
+    assert steps == math.ceil(e * 480 / batch)                  # by hand: 480 samples, one a row
 
 
 def test_one_epoch_of_packed_steps_sees_every_sample(tmp_path, in_root, processor):
@@ -79,7 +79,7 @@ def test_lr_table_of_an_epochs_recipe_asks_for_the_steps(tmp_path, in_root):
     from vlmft.cli import app
 
     path = tmp_path / "r.yaml"
-    path.write_text(DEMO.read_text().replace("  max_steps: 100\n", "  epochs: 1\n"))
+    path.write_text(DEMO.read_text().replace("  max_steps: 800\n", "  epochs: 1\n"))
     r = CliRunner().invoke(app, ["lr-table", str(path)])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert "add train.epochs=0 train.max_steps=N" in r.stderr

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmft.model import enable_gradient_checkpointing, load_model
-from vlmft.models import InternVL
+from vlmft.model import enable_gradient_checkpointing, load_model, load_processor
+from vlmft.models import LlavaNext
+
 from vlmft.recipe import ModelConfig
 
 from .conftest import ROOT
@@ -15,11 +16,13 @@ CFG = ModelConfig(name_or_path=str(ROOT / "demo" / "model"))
 
 
 def _grads(model):
-    torch.manual_seed(0)
-    ids = torch.randint(20, 300, (1, 30))
-    img = model.config.image_token_id
-    ids[0, 2:6] = img  # one tile = 4 image tokens
-    out = model(input_ids=ids, pixel_values=torch.rand(1, 3, 28, 28), use_cache=False)
+    from PIL import Image
+
+    proc = load_processor(CFG)
+    img = Image.linear_gradient("L").resize((56, 28)).convert("RGB")  # deterministic
+    inputs = proc(text=["a <image> b c d e f"], images=[img], return_tensors="pt")
+    inputs.pop("attention_mask")
+    out = model(**inputs, use_cache=False)
     out.logits.float().pow(2).mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -29,7 +32,7 @@ def _grads(model):
 def test_gradient_checkpointing_per_tower(which, towers):
     ref = _grads(load_model(CFG).train())
     model = load_model(CFG).train()
-    assert enable_gradient_checkpointing(model, which, InternVL()) == towers
+    assert enable_gradient_checkpointing(model, which, LlavaNext()) == towers
     for name, sub in model.model.named_children():
         on = [m for m in sub.modules() if getattr(m, "gradient_checkpointing", False)]
         assert bool(on) == (name in towers), name
@@ -44,4 +47,4 @@ def test_no_tower_found_is_a_clear_error():
     model.model.vision_tower_renamed = model.model.vision_tower
     del model.model.vision_tower
     with pytest.raises(ValueError, match="no vision tower found"):
-        enable_gradient_checkpointing(model, "vision", InternVL())
+        enable_gradient_checkpointing(model, "vision", LlavaNext())

@@ -32,7 +32,7 @@ def demo_stats(processor):
 
 def test_demo_stats(demo_stats):
     s = demo_stats
-    assert s["num_samples"] == 240
+    assert s["num_samples"] == 480
     assert s["num_used"] + sum(s["dropped"].values()) == s["num_samples"]
     assert s["num_packs"] >= s["lower_bound_packs"] > 0
     assert 0 < s["fill_ratio"] <= 1
@@ -54,7 +54,7 @@ def test_demo_stats(demo_stats):
         assert v["num_packs"] >= s["lower_bound_packs"] and 0 < v["fill_ratio"] <= 1
     assert st["offline_bfd"]["num_packs"] <= st["next_fit"]["num_packs"]
     (d,) = s["per_dataset"].values()
-    assert d["num_samples"] == 240 and d["num_used"] == s["num_used"] and d["tokens"] == s["total_tokens"]
+    assert d["num_samples"] == 480 and d["num_used"] == s["num_used"] and d["tokens"] == s["total_tokens"]
     assert s["samples_per_second"] > 0 and s["truncated"] == 0
     json.dumps(s)  # plain data
 
@@ -208,7 +208,7 @@ def test_pack_stats_on_100k_samples_with_images_under_60s(tmp_path):
 
 EDGE = [
     {"conversations": [{"from": "human", "value": "hi  \n"}, {"from": "gpt", "value": "  yo \n\n"}]},
-    {"image": ["images/001_yellow_square.png", "images/002_blue_square.png"], "conversations": [
+    {"image": ["images/001_blue_square.png", "images/002_blue_circle.png"], "conversations": [
         {"from": "human", "value": "<image>\n\n<image>x\n"}, {"from": "gpt", "value": ""}]},
     {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "q"},
                        {"from": "gpt", "value": "a"}, {"from": "human", "value": "q2"},

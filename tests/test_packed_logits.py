@@ -24,20 +24,18 @@ def test_packed_row_logits_equal_separate_runs(in_root, processor):
     row = mat.micro_batch([pack])
     with torch.no_grad():
         packed = model(input_ids=row["input_ids"], position_ids=row["position_ids"],
-                       pixel_values=row["vision"]["pixel_values"], use_cache=False).logits[0]
+                       **row["vision"], use_cache=False).logits[0]
         start, worst = 0, 0.0
         for i in pack:
             enc = mat.sample(catalog.samples[i])
             n = len(enc.input_ids)
-            alone = model(input_ids=torch.tensor([enc.input_ids]), pixel_values=enc.vision.get("pixel_values"),
-                          use_cache=False).logits[0]
+            alone = model(input_ids=torch.tensor([enc.input_ids]), **enc.vision, use_cache=False).logits[0]
             worst = max(worst, (packed[start:start + n] - alone).abs().max().item())
             start += n
     assert start == row["input_ids"].shape[1]
     assert worst <= 1e-4, worst
     # the check has teeth: without restarting position ids the samples see each other
     with torch.no_grad():
-        leaky = model(input_ids=row["input_ids"], pixel_values=row["vision"]["pixel_values"],
-                      use_cache=False).logits[0]
+        leaky = model(input_ids=row["input_ids"], **row["vision"], use_cache=False).logits[0]
     n0 = len(mat.sample(catalog.samples[pack[0]]).input_ids)
     assert (leaky[n0:] - packed[n0:]).abs().max().item() > 1e-2

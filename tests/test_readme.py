@@ -51,3 +51,19 @@ def test_recipe_commands_run():
         assert cmd in README
     p = vlmft("recipe", "data.packing")
     assert p.returncode == 0 and "data.packing.max_packed_tokens: int = 1024" in p.stdout
+
+
+def test_the_families_table_is_the_registry():
+    """Every supported model type is in the README's table, and every table row is a family."""
+    from vlmft.models import FAMILIES
+
+    from . import tiny_models
+
+    table = README.split("## Model families", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    listed = {t.strip(" `") for r in rows for t in r[1].split(",")}
+    assert listed == {t for f in FAMILIES for t in f.model_types}
+    tested = {"internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
+              "idefics3", "smolvlm", "gemma3", "paligemma"}
+    assert tested == set(tiny_models.FAMILIES)   # each row but Qwen3.5's has its packed-row test
+    assert len(rows) == len(FAMILIES)

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from PIL import Image
 
 from vlmft import recipe as recipes
 from vlmft.data import catalog as catmod
@@ -61,7 +62,7 @@ def _meta_tree(tmp_path):
     """Two InternVL datasets with their own image roots, named from the meta file's folder."""
     for sub in ("coco", "charts"):
         (tmp_path / sub / "images").mkdir(parents=True)
-        shutil.copy(DEMO / "images" / "001_yellow_square.png", tmp_path / sub / "images" / "x.png")
+        Image.new("RGB", (56, 56), (200, 40, 40)).save(tmp_path / sub / "images" / "x.png")
     _jsonl(tmp_path / "coco" / "train.jsonl", _rows(40, image="x.png", tag="coco"))
     _jsonl(tmp_path / "charts" / "train.jsonl", _rows(10, image="x.png", tag="chart"))
     meta = {
@@ -127,11 +128,18 @@ def test_meta_json_not_json_cites_its_line(tmp_path):
         sources.expand([DatasetConfig(path=str(p))])
 
 
-def test_several_datasets_in_one_recipe_with_max_dynamic_patch(tmp_path, processor, in_root):
+def test_several_datasets_in_one_recipe_with_max_dynamic_patch(tmp_path, in_root):
+    """InternVL's max_dynamic_patch caps each dataset's tiles (the tiny InternVL: 28-pixel tiles)."""
+    from vlmft.model import load_processor
+
+    from . import tiny_models
+
     meta = _meta_tree(tmp_path)
     extra = _jsonl(tmp_path / "text.jsonl", _rows(5, tag="plain"))
     r = recipes.load(str(ROOT / "recipes" / "demo.yaml"),
-                     [f"data.datasets=[{{path: '{meta}'}}, {{path: '{extra}', name: plain}}]"])
+                     [f"data.datasets=[{{path: '{meta}'}}, {{path: '{extra}', name: plain}}]",
+                      f"model.name_or_path={tiny_models.folder('internvl')}"])
+    processor = load_processor(r.model)
     cat = catmod.build_catalog(r, processor)
     assert [d.name for d in cat.datasets] == ["coco", "charts", "plain"]
     assert len(cat.records) == 20 + 30 + 5 == len(cat.samples)

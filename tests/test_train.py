@@ -32,18 +32,19 @@ def test_train_exports_a_folder_that_reproduces_the_trained_logits(in_root, tmp_
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "final" / "processor_config.json").is_file()
     assert (out / "final" / "chat_template.jinja").is_file()
-    ids = torch.tensor([processor.tokenizer("<|im_start|>user\nWhat is two plus two?<|im_end|>\n")["input_ids"]])
-    pix = torch.rand(2, 3, 28, 28)
-    img = processor.tokenizer.convert_tokens_to_ids(["<img>"] + ["<IMG_CONTEXT>"] * 8 + ["</img>"])
-    ids = torch.cat([torch.tensor([img]), ids], dim=1)
+    from PIL import Image
+
+    inputs = processor(text=["<|im_start|>user\n<image>\nWhat is two plus two?<|im_end|>\n"],
+                       images=[Image.linear_gradient("L").resize((56, 56)).convert("RGB")], return_tensors="pt")
+    inputs.pop("attention_mask")
     with torch.no_grad():
-        a = trained(input_ids=ids, pixel_values=pix, use_cache=False).logits
-        b = loaded(input_ids=ids, pixel_values=pix, use_cache=False).logits
+        a = trained(**inputs, use_cache=False).logits
+        b = loaded(**inputs, use_cache=False).logits
     assert torch.equal(a, b)
     # and training moved the weights away from the initial folder
     initial = AutoModelForImageTextToText.from_pretrained(recipe.model.name_or_path)
     with torch.no_grad():
-        c = initial(input_ids=ids, pixel_values=pix, use_cache=False).logits
+        c = initial(**inputs, use_cache=False).logits
     assert (a - c).abs().max() > 1e-3
 
 

@@ -1,17 +1,19 @@
-"""Build the bundled demo: a tiny InternVL model folder and a small image-conversation dataset.
+"""Build the bundled demo: a tiny LLaVA-NeXT model folder and a learnable image-question task.
 
     python -m vlmft.demo_assets demo      # writes demo/model and demo/data (deterministic)
 
-Nothing is downloaded. The model is transformers' own ``InternVLForConditionalGeneration``
-(InternViT-style vision tower, Qwen2 text tower) built from a config; the tokenizer is a
-byte-level BPE trained here on the demo's text with InternVL's image tokens; the image processor
-is ``GotOcr2ImageProcessorPil``, the one InternVL checkpoints use, with 28-pixel tiles. The
+Nothing is downloaded. The model is transformers' own ``LlavaNextForConditionalGeneration`` (a
+2-layer CLIP vision tower on 28-pixel tiles with "anyres" grids, a Qwen2 text tower) built from a
+config; the tokenizer is a byte-level BPE trained here on the demo's text; the processor is the
+stock ``LlavaNextProcessor`` (no video part), so ``AutoProcessor`` loads the folder anywhere. The
 folder is saved with ``save_pretrained`` and read back with ``from_pretrained``, exactly like a
 real checkpoint.
 
-The data is a learnable toy task in the LLaVA/InternVL conversation format: pillow draws a shape
-of some colour on a background; questions ask for the colour, the shape or (multi-image) which of
-two images holds a given colour; text-only samples do arithmetic in words.
+The data, in the LLaVA/InternVL conversation format: pillow draws a shape of some colour on a
+background, a fresh image for every question. ``train.jsonl`` asks for the colour or the shape
+(short answers; half the records), describes a shape over two turns, asks which of two images
+holds a colour, and has text-only arithmetic in words; ``heldout.jsonl`` asks colour and shape questions about images
+training never saw (answers like ``red.``: exact match measures what the model learned to see).
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
           "yellow": (230, 210, 40), "purple": (150, 50, 180), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
-# ChatML, as InternVL2.5/3 and Qwen use; images render as the processor's <IMG_CONTEXT> token,
-# which the processor expands to <img> + image_seq_length x tiles context tokens + </img>.
+# ChatML, as Qwen and InternVL use; an image renders as the processor's <image> token, which the
+# processor expands to the image's features: a 28-pixel base tile, a grid of tiles and newlines.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TILE = 28            # pixels per tile side
-IMAGE_SEQ_LENGTH = 4  # tokens per tile: (28 / 7)^2 patches x 0.5^2 pixel shuffle
+TILE = 28                                # pixels per tile side
+PATCH = 14                               # CLIP patch: 2 x 2 = 4 tokens a tile
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # the anyres grids (1x2, 2x1, 2x2 tiles)
 
 
 def _draw(rng: random.Random, color: str, shape: str, path: Path) -> None:
@@ -48,8 +51,9 @@ def _draw(rng: random.Random, color: str, shape: str, path: Path) -> None:
     img = Image.new("RGB", (w, h), bg)
     d = ImageDraw.Draw(img)
     m = min(w, h)
-    x0, y0 = rng.randint(0, w - m // 2), rng.randint(0, h - m // 2)
-    box = (x0, y0, x0 + m // 2, y0 + m // 2)
+    side = rng.randint(m // 2, m - 2)
+    x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
+    box = (x0, y0, x0 + side, y0 + side)
     fill = COLORS[color]
     if shape == "circle":
         d.ellipse(box, fill=fill)
@@ -63,88 +67,94 @@ def _draw(rng: random.Random, color: str, shape: str, path: Path) -> None:
         img.save(path, optimize=True)
 
 
-def make_data(out: Path, n: int = 240, seed: int = 0) -> Path:
-    """Write out/images/*.png|jpg and out/train.jsonl; return the JSONL path."""
+def _image(rng: random.Random, out: Path, name: str, ext: str) -> tuple[str, str, str]:
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    path = f"images/{name}_{color}_{shape}.{ext}"
+    _draw(rng, color, shape, out / path)
+    return path, color, shape
+
+
+def _record(rng: random.Random, out: Path, i: int, kind: int) -> dict:
+    """One conversation of the given kind (see the module docstring), with fresh images."""
+    ext = "jpg" if i % 3 == 0 else "png"
+    if kind in (0, 1, 5):
+        name, color, shape = _image(rng, out, f"{i:03d}", ext)
+        colour = kind == 0 or (kind == 5 and i % 12 == 5)
+        q, a = ("What color is the shape?", color) if colour else ("What shape is it?", shape)
+        return {"id": i, "image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": f"{a}."}]}
+    if kind == 2:
+        name, color, shape = _image(rng, out, f"{i:03d}", ext)
+        return {"id": i, "image": name, "conversations": [
+            {"from": "system", "value": "You describe pictures briefly."},
+            {"from": "human", "value": "<image>\nWhat shape do you see?"},
+            {"from": "gpt", "value": f"A {color} {shape}."},
+            {"from": "human", "value": "Is it round?"},
+            {"from": "gpt", "value": "Yes." if shape == "circle" else "No."}]}
+    if kind == 3:
+        (a, ca, _), (b, cb, _) = (_image(rng, out, f"{i:03d}{k}", ext) for k in "ab")
+        return {"id": i, "image": [a, b], "conversations": [
+            {"from": "human", "value": f"Image 1: <image>\nImage 2: <image>\nWhich image shows {ca}?"},
+            {"from": "gpt", "value": "Image 1." if ca != cb else "Both."}]}
+    x, y = rng.randint(0, 5), rng.randint(0, 5)
+    return {"id": i, "conversations": [
+        {"from": "human", "value": f"What is {NUMBERS[x]} plus {NUMBERS[y]}?"},
+        {"from": "gpt", "value": f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}."}]}
+
+
+def make_data(out: Path, n: int = 480, heldout: int = 60, seed: int = 0) -> Path:
+    """Write out/images/*, out/train.jsonl (kinds cycle 0..5: colour, shape, two-turn, two
+    images, arithmetic, colour or shape) and out/heldout.jsonl (colour and shape questions on new
+    images); return the training JSONL's path."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images = []
-    for i in range(48):
-        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        name = f"images/{i:03d}_{color}_{shape}.{'jpg' if i % 3 == 0 else 'png'}"
-        _draw(rng, color, shape, out / name)
-        images.append((name, color, shape))
-    rows = []
-    for i in range(n):
-        kind = i % 6
-        if kind in (0, 1):
-            name, color, shape = rng.choice(images)
-            rows.append({"id": i, "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nWhat color is the shape?"},
-                {"from": "gpt", "value": f"The {shape} is {color}."}]})
-        elif kind == 2:
-            name, color, shape = rng.choice(images)
-            rows.append({"id": i, "image": name, "conversations": [
-                {"from": "system", "value": "You describe pictures briefly."},
-                {"from": "human", "value": "<image>\nWhat shape do you see?"},
-                {"from": "gpt", "value": f"A {color} {shape}."},
-                {"from": "human", "value": "Is it round?"},
-                {"from": "gpt", "value": "Yes." if shape == "circle" else "No."}]})
-        elif kind == 3:
-            (a, ca, _), (b, cb, _) = rng.sample(images, 2)
-            rows.append({"id": i, "image": [a, b], "conversations": [
-                {"from": "human", "value": f"Image 1: <image>\nImage 2: <image>\nWhich image shows {ca}?"},
-                {"from": "gpt", "value": "Image 1." if ca != cb else "Both."}]})
-        else:
-            x, y = rng.randint(0, 5), rng.randint(0, 5)
-            rows.append({"id": i, "conversations": [
-                {"from": "human", "value": f"What is {NUMBERS[x]} plus {NUMBERS[y]}?"},
-                {"from": "gpt", "value": f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}."}]})
-    path = out / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    train = [_record(rng, out, i, i % 6) for i in range(n)]
+    held = [dict(_record(rng, out, n + k, k % 2), id=f"h{k}") for k in range(heldout)]
+    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out / "train.jsonl"
 
 
-def make_tokenizer(corpus: list[str]):
+def make_tokenizer(corpus: list[str], special: list[str] = SPECIAL, eos: str = "<|im_end|>",
+                   pad: str = "<|endoftext|>", extra: dict | None = None):
+    """A byte-level BPE of 384 tokens trained on ``corpus``, with ``special`` as added tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad,
+                                   extra_special_tokens=extra if extra is not None else {"image_token": "<image>"})
 
 
 def make_model(out: Path, corpus: list[str], seed: int = 0) -> Path:
     import torch
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    from transformers import InternVLProcessor
-
-    from .models import image_only
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tokenizer = make_tokenizer(corpus)
-    image_processor = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE},
-                                               crop_to_patches=True, min_patches=1, max_patches=4)
-    processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                       image_seq_length=IMAGE_SEQ_LENGTH, chat_template=CHAT_TEMPLATE)
-    config = InternVLConfig(
-        vision_config=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=96, image_size=[TILE, TILE], patch_size=[7, 7]),
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                                 image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
+    config = LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=48, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=TILE, patch_size=PATCH,
+                           projection_dim=48),
         text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64,
                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=4096, use_cache=False,
-                         tie_word_embeddings=False),
-        image_token_id=tokenizer.context_image_token_id, image_seq_length=IMAGE_SEQ_LENGTH,
-        downsample_ratio=0.5, tie_word_embeddings=False)
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        image_grid_pinpoints=PINPOINTS, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
+    model = LlavaNextForConditionalGeneration(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -154,7 +164,8 @@ def make_model(out: Path, corpus: list[str], seed: int = 0) -> Path:
 def build(root: Path) -> None:
     data = make_data(root / "data")
     corpus = ["system user assistant"] + [
-        turn["value"].replace("<image>", "") for line in data.read_text().splitlines()
+        turn["value"].replace("<image>", "") for name in ("train.jsonl", "heldout.jsonl")
+        for line in (data.parent / name).read_text().splitlines()
         for turn in json.loads(line)["conversations"]]
     make_model(root / "model", corpus)
 

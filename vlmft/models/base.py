@@ -244,12 +244,10 @@ class Family:
         return kw
 
     def blank(self, processor) -> dict:
-        """Vision inputs of one small blank image (for ranks whose micro-batch has none)."""
-        ip = processor.image_processor
-        size = getattr(ip, "size", None) or {}
-        h = size.get("height") or size.get("shortest_edge") or size.get("longest_edge") or 28
-        w = size.get("width") or h
-        return self.expand(processor, [blank_image(h, w)]).vision
+        """Vision inputs of one small blank image (for ranks whose micro-batch has none): 28 x 28
+        pixels, which every processor resizes to its smallest input (one tile, one Qwen merge
+        unit of 2 x 2 patches)."""
+        return self.expand(processor, [blank_image(28, 28)]).vision
 
     def image_features(self, base, vision: dict) -> list:
         """The vision tower and projector run on ``vision``: the features the language model
