@@ -367,7 +367,7 @@ def _bcast(value: float) -> float:
 
 FREEZE_CASES = [  # (override, stage, names it must freeze)
     ("optim.freeze.vision=true", 1, lambda n: n.startswith("model.vision_tower.")),
-    ("optim.freeze.projector=true", 2, lambda n: n.startswith("model.multi_modal_projector.")),
+    ("optim.freeze.projector=true", 2, lambda n: n.startswith(("model.multi_modal_projector.", "model.image_newline"))),
     ("optim.freeze.language=true", 3, lambda n: n.startswith("model.language_model.")),
     ("optim.freeze.lm_head=true", 1, lambda n: n.startswith("lm_head.")),
     ("optim.freeze.vision_first_layers=1", 2,
@@ -422,10 +422,12 @@ def task_optim(rank: int, world: int) -> dict:
     _use(processor)
     samples = Samples(recipe0, processor)
     base = load_model(recipe0.model, "fp32")
-    # one micro-batch per rank, images on both: every parameter gets a gradient
+    # one micro-batch per rank, images on both: every parameter the model uses gets a gradient
     rows = {0: [0, 4, 3, 28], 1: [2, 22, 26]}
     batch = pack([samples.one[i] for i in rows[rank % 2]])
-    out = {"world": world, "groups": [], "freeze": []}
+    _, grads = reference_grad(copy.deepcopy(base), [samples.one[i] for i in rows[0] + rows[1]], "token")
+    dead = sorted(n for n, g in grads.items() if not g.any())  # e.g. CLIP's post_layernorm: unused
+    out = {"world": world, "groups": [], "freeze": [], "dead": dead}
     t0 = time.perf_counter()
     for stage in STAGES:
         recipe = optim_recipe(stage)

@@ -13,7 +13,7 @@ import torch
 
 from vlmft.recipe import load
 
-from .conftest import BIN, DEMO, ROOT, clean_env, torchrun
+from .conftest import BIN, DEMO, ROOT, assert_noise_only_stays_tiny, clean_env, noise_only, torchrun
 
 pytestmark = pytest.mark.slow
 ARGS = ["train.max_steps=12", "checkpoint.every_steps=3"]
@@ -45,15 +45,15 @@ def _wait_for_step(out, step, proc, timeout=240):
 
 def _weights_close(out, reference, tol):
     """The final weights of a resumed run against the uninterrupted one, every tensor:
-    ||a - b|| / ||b||. (Across world sizes the rounding differs, and a tensor whose true gradient
-    is 0, a key bias, moves only by that rounding, which Adam scales up to full steps: its worst
-    single weight differed by 1.7e-5 of its largest, measured, while its norm agreed to 7.6e-6.)"""
+    ||a - b|| / ||b||, but those whose true gradient is 0 (conftest.noise_only; measured across
+    world sizes: the CLIP key biases, of norm ~2e-6, differ by 5%, everything else by <= 2.5e-6)."""
     from safetensors.torch import load_file
 
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (out, reference.out))
     assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)) for k in a)
+    worst = max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)) for k in a if not noise_only(k))
     assert worst <= tol, worst
+    assert_noise_only_stays_tiny(a)
 
 
 class Run(dict):
@@ -151,9 +151,9 @@ def test_resume_refuses_a_changed_recipe_without_force(tmp_path):
                         "checkpoint.every_steps=2"], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     p = subprocess.run([str(BIN / "vlmft"), "train", str(DEMO), f"output_dir={out}", "train.max_steps=6",
-                        "optim.lr=1e-3", "--resume", "auto"], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+                        "optim.lr=2e-3", "--resume", "auto"], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     assert p.returncode == 2
-    assert "optim.lr: 0.003 -> 0.001" in p.stderr and "--force" in p.stderr
+    assert "optim.lr: 0.001 -> 0.002" in p.stderr and "--force" in p.stderr
     assert "Traceback" not in p.stderr
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,26 @@ def blank_image(height: int, width: int):
     from PIL import Image
 
     return Image.new("RGB", (max(1, width), max(1, height)), (0, 0, 0))
+
+
+_PIXEL = blank_image(1, 1)   # what prepare_inputs_layout needs to count images: any image
+_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plain_layout(family: "Family", processor) -> bool:
+    """Whether the processor's layout step leaves a segment's text alone, so that replacing its
+    placeholders by a split and a join is exact (checked on a probe, once per processor)."""
+    try:
+        hit = _PLAIN.get(processor)
+    except TypeError:
+        return False
+    if hit is None:
+        tok = processor.image_token
+        probe, reps = f"a {tok}\nb {tok} c\n", ["<X>", "<Y>"]
+        parts = probe.split(tok)
+        fast = "".join(p + r for p, r in zip(parts, reps)) + parts[-1]
+        hit = _PLAIN[processor] = fast == family._expand_text(processor, probe, reps)
+    return hit
 
 
 def cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -209,9 +230,18 @@ class Family:
 
     def expand_text(self, processor, text: str, replacements: list[str]) -> str:
         """``text`` (one segment) with its image placeholders replaced, after the processor's
-        own layout step (PaliGemma adds ``<bos>`` after the images and a newline there)."""
+        own layout step (PaliGemma adds ``<bos>`` after the images and a newline there). Where
+        that step leaves the text alone (every family but PaliGemma, probed once per processor)
+        the placeholders are replaced by a split and a join: the planner's hot path."""
+        token = processor.image_token
+        if _plain_layout(self, processor):
+            parts = text.split(token)
+            return "".join(p + r for p, r in zip(parts, replacements)) + parts[-1]
+        return self._expand_text(processor, text, replacements)
+
+    def _expand_text(self, processor, text: str, replacements: list[str]) -> str:
         n = text.count(processor.image_token)
-        _, texts, *_ = processor.prepare_inputs_layout(images=[blank_image(1, 1)] * n, text=[text])
+        _, texts, *_ = processor.prepare_inputs_layout(images=[_PIXEL] * n, text=[text])
         out, _ = processor.get_text_with_replacements(list(texts), images_replacements=replacements)
         return out[0]
 
