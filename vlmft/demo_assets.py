@@ -63,16 +63,18 @@ def _draw(rng: random.Random, color: str, shape: str, path: Path) -> None:
         img.save(path, optimize=True)
 
 
-def make_data(out: Path, n: int = 240, seed: int = 0) -> Path:
-    """Write out/images/*.png|jpg and out/train.jsonl; return the JSONL path."""
-    rng = random.Random(seed)
+def _images(rng: random.Random, out: Path, count: int, prefix: str = "") -> list[tuple[str, str, str]]:
     (out / "images").mkdir(parents=True, exist_ok=True)
     images = []
-    for i in range(48):
+    for i in range(count):
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        name = f"images/{i:03d}_{color}_{shape}.{'jpg' if i % 3 == 0 else 'png'}"
+        name = f"images/{prefix}{i:03d}_{color}_{shape}.{'jpg' if i % 3 == 0 else 'png'}"
         _draw(rng, color, shape, out / name)
         images.append((name, color, shape))
+    return images
+
+
+def _rows(rng: random.Random, images: list, n: int) -> list[dict]:
     rows = []
     for i in range(n):
         kind = i % 6
@@ -99,7 +101,24 @@ def make_data(out: Path, n: int = 240, seed: int = 0) -> Path:
             rows.append({"id": i, "conversations": [
                 {"from": "human", "value": f"What is {NUMBERS[x]} plus {NUMBERS[y]}?"},
                 {"from": "gpt", "value": f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}."}]})
+    return rows
+
+
+def make_data(out: Path, n: int = 240, seed: int = 0) -> Path:
+    """Write out/images/*.png|jpg and out/train.jsonl; return the JSONL path."""
+    rng = random.Random(seed)
+    rows = _rows(rng, _images(rng, out, 48), n)
     path = out / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_eval_data(out: Path, n: int = 60, seed: int = 1) -> Path:
+    """Held-out questions of the same kinds on 24 new images (out/images/eval_*), never seen in
+    training: out/eval.jsonl (the demo recipe's data.eval)."""
+    rng = random.Random(seed)
+    rows = _rows(rng, _images(rng, out, 24, "eval_"), n)
+    path = out / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -153,6 +172,7 @@ def make_model(out: Path, corpus: list[str], seed: int = 0) -> Path:
 
 def build(root: Path) -> None:
     data = make_data(root / "data")
+    make_eval_data(root / "data")
     corpus = ["system user assistant"] + [
         turn["value"].replace("<image>", "") for line in data.read_text().splitlines()
         for turn in json.loads(line)["conversations"]]

@@ -107,6 +107,15 @@ def _lines(cls, obj, prefix: str, indent: str, on: bool) -> list[str]:
             out += [line.replace("    ", "  ", 1) for line in item[:first]]  # path's help
             out.append(f"{indent}  {mark}- path: {_yaml(STARTER_DATASET.path)}")
             out += item[first + 1:]
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out.append(f"{indent}# {f.name}:")        # e.g. data.eval: one entry, every key commented
+            item = typing.get_args(tp)[0]
+            lines = _lines(item, item(), key + "[].", indent + "    ", False)
+            head = f"{indent}    # {dataclasses.fields(item)[0].name}: "
+            first = next(i for i, line in enumerate(lines) if line.startswith(head))
+            out += [line.replace("    ", "  ", 1) for line in lines[:first]]
+            out.append(lines[first].replace(f"{indent}    # ", f"{indent}  # - ", 1))
+            out += lines[first + 1:]
         else:
             out.append(f"{indent}{mark}{f.name}: {_yaml(getattr(obj, f.name))}")
     return out
