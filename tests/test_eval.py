@@ -90,6 +90,10 @@ def test_bad_eval_data_is_counted_and_reported(tmp_path, processor, in_root, dis
     assert got["dropped"] == 2 and got["dropped_reasons"] == {"invalid_json": 1, "missing_image": 1}
     assert got["bad_samples"] == 1 and got["samples"] == 5
     assert ev.data.catalog.dropped["empty_image"] == 1
+    from vlmft.eval import summary
+
+    assert summary(result).endswith("not evaluated: 2 dropped while planning (invalid_json 1, "
+                                    "missing_image 1), 1 failed to load")
 
 
 def test_eval_command_json_and_predictions(tmp_path, in_root):
@@ -168,3 +172,23 @@ def test_visual_reliance_off_leaves_the_blank_pass_out(tmp_path, processor, in_r
             with_blank = len(calls)
         else:
             assert 0 < len(calls) < with_blank          # the images ran once, not twice
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_eval_of_a_checkpoint_equals_the_evaluation_training_made_there(zero, tmp_path, in_root, dist_env):
+    """`vlmft eval --model checkpoints/stepN` puts the checkpoint's weights (ZeRO stage 0: the
+    module file; 1-3: DeepSpeed's zero_to_fp32) into the base model: its loss is the one the
+    training run measured at step N."""
+    from vlmft.eval import evaluate
+    from vlmft.train import train
+
+    recipe = load(DEMO, [f"output_dir={tmp_path}/run", "train.max_steps=3", "checkpoint.every_steps=2",
+                         "eval.every_steps=2", f"engine.zero_stage={zero}"])
+    train(recipe)
+    row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
+    got = evaluate(recipe, str(tmp_path / "run" / "checkpoints" / "step2"), generate=False)
+    assert got["label"] == "step2"
+    for key in ("loss", "loss_blank_images"):
+        assert abs(got["datasets"]["heldout"][key] - row[f"eval/heldout/{key}"]) <= 1e-6
+    base = evaluate(recipe, None, generate=False)["datasets"]["heldout"]["loss"]
+    assert abs(base - got["datasets"]["heldout"]["loss"]) > 0.1

@@ -1,7 +1,8 @@
 """Evaluation on several ranks (torchrun, gloo, real DeepSpeed): the same eval loss on 1 and 2
 ranks for every reduction, and a 2-rank ZeRO-3 training run that evaluates every 2 steps with
 the ranks holding different numbers of eval samples and of questions (no hang), whose last
-evaluation equals `vlmft eval` of the exported model on one process."""
+evaluation equals `vlmft eval` of the exported model on one process (and its step-2 one, of the
+ZeRO-3 checkpoint)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_zero3_training_evaluates_every_2_steps_with_uneven_ranks(tmp_path, in_r
     out = tmp_path / "z3"
     p = torchrun(2, "train", str(DEMO), f"output_dir={out}", "train.max_steps=4", "engine.zero_stage=3",
                  "eval.every_steps=2", "eval.generate=true", "eval.max_new_tokens=4",
-                 "eval.max_generate_samples=5", timeout=600)
+                 "eval.max_generate_samples=5", "checkpoint.every_steps=2", timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     evals = [s for s, r in rows.items() if "eval/heldout/loss" in r]
@@ -70,3 +71,8 @@ def test_zero3_training_evaluates_every_2_steps_with_uneven_ranks(tmp_path, in_r
     answers = [[json.loads(x)["prediction"] for x in (out / "eval" / d / "heldout.jsonl").read_text().splitlines()]
                for d in ("step4", "final")]
     assert answers[0] == answers[1]
+    # and a ZeRO-3 checkpoint, evaluated on one process, gives the loss training measured there
+    q = vlmft("eval", str(DEMO), f"output_dir={out}", "--model", str(out / "checkpoints" / "step2"),
+              "--json", "--no-generate")
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert abs(json.loads(q.stdout)["datasets"]["heldout"]["loss"] - rows[2]["eval/heldout/loss"]) <= 1e-5

@@ -118,12 +118,25 @@ def summary(result: dict) -> str:
     lines = []
     for name, r in result["datasets"].items():
         parts = [f"loss {_f(r['loss'])}"]
-        if "visual_gap" in r:
+        if "visual_gap" in r and r["image_samples"]:
             parts.append(f"blank images {_f(r['loss_blank_images'])} (gap {_f(r['visual_gap'])})")
         if "exact_match" in r:
             parts.append(f"exact match {_f(r['exact_match'])} of {r['answered']}")
-        lines.append(f"vlmft: eval {result['label']} {name}: " + ", ".join(parts))
+        lines.append(f"vlmft: eval {result['label']} {name}: " + ", ".join(parts) + _bad(r))
     return "\n".join(lines)
+
+
+def _bad(r: dict) -> str:
+    """What was not evaluated: planning drops and samples that failed to load (never silent)."""
+    out = []
+    if r["dropped"]:
+        out.append(f"{r['dropped']} dropped while planning ("
+                   + ", ".join(f"{k} {v}" for k, v in r["dropped_reasons"].items()) + ")")
+    if r["bad_samples"]:
+        out.append(f"{r['bad_samples']} failed to load")
+    if r.get("answer_errors"):
+        out.append(f"{r['answer_errors']} could not be answered")
+    return f"; not evaluated: {', '.join(out)}" if out else ""
 
 
 def _f(x) -> str:
@@ -173,10 +186,15 @@ def render(result: dict):
     t = Table(title=f"vlmft eval: {result['model']} ({result['label']})", title_justify="left")
     for col in ("dataset", "samples", "loss", "blank-image loss", "visual gap", "exact match"):
         t.add_column(col, justify="left" if col == "dataset" else "right")
-    rows = list(result["datasets"].items()) + [("all", result["overall"])]
+    notes = [f"{name}{_bad(r)}" for name, r in result["datasets"].items() if _bad(r)]
+    if notes:
+        t.caption, t.caption_justify = "\n".join(notes), "left"
+    rows = list(result["datasets"].items())
+    rows += [("all", result["overall"])] if len(rows) > 1 else []
     for name, r in rows:
-        em = "" if "exact_match" not in r else (f"{_f(r['exact_match'])} of {r['answered']}"
-                                               if r["exact_match"] is not None else "n/a")
+        em = ""
+        if r.get("exact_match") is not None:
+            em = f"{r['exact_match']:.3f} ({round(r['exact_match'] * r['answered'])}/{r['answered']})"
         t.add_row(name, str(r["samples"]), _f(r["loss"]), _f(r.get("loss_blank_images")),
-                  _f(r.get("visual_gap")), em, end_section=name != "all" and (name, r) == rows[-2])
+                  _f(r.get("visual_gap")), em, end_section=len(rows) > 1 and (name, r) == rows[-2])
     return t

@@ -4,7 +4,9 @@ weights are put together with DeepSpeed's own zero_to_fp32 reader into the base 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 from pathlib import Path
 
 from .checkpoint import COMPLETE
@@ -48,7 +50,8 @@ def checkpoint_state(path: Path) -> dict:
     if any(path.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        with contextlib.redirect_stdout(sys.stderr):   # its progress notes; stdout may be --json
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:   # ZeRO stage 0: the whole module in one file
         state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k.removeprefix("model."): v.float() for k, v in state.items()}
