@@ -246,7 +246,7 @@ def eval_cmd(
         return
     for line in result["drop_table"]:
         _note(line)
-    out.print(ev.render(result))
+    out.print(ev.render(result), soft_wrap=True)
 
 
 @app.command()

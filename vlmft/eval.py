@@ -181,9 +181,11 @@ def data_override(path: str) -> list[str]:
 
 def render(result: dict):
     """The rich table ``vlmft eval`` prints."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=f"vlmft eval: {result['model']} ({result['label']})", title_justify="left")
+    t = Table()
     for col in ("dataset", "samples", "loss", "blank-image loss", "visual gap", "exact match"):
         t.add_column(col, justify="left" if col == "dataset" else "right")
     notes = [f"{name}{_bad(r)}" for name, r in result["datasets"].items() if _bad(r)]
@@ -197,4 +199,4 @@ def render(result: dict):
             em = f"{r['exact_match']:.3f} ({round(r['exact_match'] * r['answered'])}/{r['answered']})"
         t.add_row(name, str(r["samples"]), _f(r["loss"]), _f(r.get("loss_blank_images")),
                   _f(r.get("visual_gap")), em, end_section=len(rows) > 1 and (name, r) == rows[-2])
-    return t
+    return Group(Text(f"vlmft eval: {result['model']} ({result['label']})"), t)
