@@ -79,13 +79,18 @@ def test_answer_on_the_demo_model_stops_at_the_end_of_turn(processor, in_root):
         logits[..., seq[min(k, len(seq) - 1)]] = 1e4
         return logits
 
+    seen = []                          # tokens the language model takes per call
     h = head.register_forward_hook(forced)
+    g = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
     try:
         msgs = [{"role": "user", "content": [{"type": "text", "text": "Is it round?"}]}]
         assert answer(model, processor, msgs, [], max_new_tokens=30) == "Yes."
     finally:
         h.remove()
-    assert len(calls) == len(seq)      # one call per new token (the cache is on), then stop
+        g.remove()
+    assert len(calls) == len(seq)      # one call per new token, then stop
+    assert seen[0] > 5 and seen[1:] == [1] * (len(seq) - 1)   # the cache is on
 
 
 @pytest.mark.parametrize("a, b, same", [

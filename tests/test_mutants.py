@@ -15,6 +15,8 @@ KILLERS = {
     "sample_square_swap": ["tests/test_loss.py", "tests/test_loss_vs_model.py"],
     "no_position_restart": ["tests/test_packed_logits.py", "tests/test_packing.py"],
     "bias_decay": ["tests/test_optim.py"],
+    "eval_token_reduction": ["tests/test_eval.py"],
+    "adaptive_unweighted": ["tests/test_adaptive.py"],
 }
 
 
