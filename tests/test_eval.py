@@ -120,11 +120,13 @@ def test_eval_command_json_and_predictions(tmp_path, in_root):
 @pytest.mark.parametrize("args, message", [
     (["data.eval=[]"], "data.eval: no evaluation datasets; add data.eval to the recipe or pass --data FILE"),
     (["--model", "nowhere"], "--model: 'nowhere' is neither an HF model folder"),
-    (["data.eval.0.measures=nope"], "data.eval[0].measures: 'nope' is not a training dataset"),
+    (["data.eval.0.measures=nope", "data.adaptive=progress", "eval.every_steps=2"],
+     "data.eval[0].measures: 'nope' is not a training dataset"),
 ])
 def test_eval_command_mistakes_are_one_line(args, message, in_root):
     p = vlmft("eval", str(DEMO), "--no-generate", *args)
-    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and message in lines[0] and all(x.startswith("error ") for x in lines), p.stderr
 
 
 def test_an_output_dir_holding_only_eval_predictions_is_not_yet_a_run(tmp_path):

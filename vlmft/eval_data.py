@@ -75,15 +75,16 @@ def build(recipe: Recipe, processor, train_names: list[str]) -> EvalData:
     names = [d.name for d in cat.datasets]
     owner = _entry_of(recipe, cat)
     measures, errors = [], []
+    adaptive = recipe.data.adaptive != "none"
     for name, i in zip(names, owner):
-        want = recipe.data.eval[i].measures
-        if want and want not in train_names:
+        want = recipe.data.eval[i].measures or name
+        if adaptive and recipe.data.eval[i].measures and want not in train_names:
             errors.append(f"data.eval[{i}].measures: '{want}' is not a training dataset "
                           f"(data.datasets: {', '.join(train_names)})")
-        measures.append(want or (name if name in train_names else None))
+        measures.append(want if want in train_names else None)
     if len(set(names)) < len(names):
         errors.append(f"data.eval: two sets share a name ({', '.join(names)}); give each a name")
-    if recipe.data.adaptive != "none":
+    if adaptive:
         missing = [t for t in train_names if t not in measures]
         if missing:
             errors.append(f"data.adaptive: no data.eval set measures {', '.join(missing)}; add one "

@@ -79,7 +79,7 @@ class EvalDatasetConfig:
     """Folder that relative image paths are read from; defaults to the data file's folder."""
     measures: str = ""
     """The training dataset (its name in data.datasets) whose progress this set measures, for
-    data.adaptive; empty = the training dataset of the same name, if any."""
+    data.adaptive (which checks it); empty = the training dataset of the same name, if any."""
 
 
 @dataclass

@@ -203,13 +203,13 @@ def _eval_checks(r, e: list[str]) -> None:
     evals = entry_names(d.eval) if all(x.path for x in d.eval) else None
     if evals is not None and len(set(evals)) < len(evals):
         e.append(f"data.eval: two sets share a name ({', '.join(evals)}); give each a name")
+    if d.adaptive == "none":
+        return
     if train is not None and evals is not None:
         for i, (x, n) in enumerate(zip(d.eval, evals)):
             if x.measures and x.measures not in train:
                 e.append(f"data.eval[{i}].measures: '{x.measures}' is not a training dataset "
                          f"(data.datasets: {', '.join(train)})")
-    if d.adaptive == "none":
-        return
     if not d.eval:
         e.append(f"data.adaptive: {d.adaptive} needs evaluation datasets: add data.eval, a set "
                  "measuring each training dataset (measures: NAME)")
