@@ -73,3 +73,24 @@ def test_adaptive_weights_multiply_each_tokens_loss_weight_by_its_dataset(tmp_pa
     assert batch["loss_weight"][0].tolist() == pytest.approx(want)
     assert weigh(None, catalog.datasets, [batch]) == {}
     assert torch.equal(batch["loss_weight"][0], torch.tensor(want, dtype=torch.float32))
+
+
+def test_weighted_ce_sum_splits_its_sum_by_group_exactly():
+    """Each group's part of sum c_t l_t, by hand from the head's logits; a position of group -1
+    (no dataset) or past the groups counts in the total only."""
+    import torch.nn.functional as F
+
+    from vlmft.loss import weighted_ce_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden, labels = torch.randn(1, 13, 8), torch.randint(0, 11, (1, 13))
+    labels[0, 4] = -100
+    w = torch.rand(1, 13)
+    groups = torch.tensor([[0, 1, 1, 2, 0, -1, 2, 2, 0, 1, 3, 1, 0]])
+    sums = torch.zeros(3, dtype=torch.float64)
+    total = weighted_ce_sum(hidden, head, labels, w, chunk_size=4, groups=groups, group_sums=sums)
+    ce = F.cross_entropy(head(hidden[0]).double(), labels[0], reduction="none", ignore_index=-100) * w[0].double()
+    for g in range(3):
+        assert float(sums[g]) == pytest.approx(float(ce[groups[0] == g].sum()), rel=1e-6)
+    assert float(total) == pytest.approx(float(ce.sum()), rel=1e-6)

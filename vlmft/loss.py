@@ -151,9 +151,10 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
                          f"weights {weights.shape[0]}")
     idx = ((weights != 0) & (labels != IGNORE_INDEX)).nonzero().squeeze(1)
     h, labels, weights = h.index_select(0, idx), labels.index_select(0, idx), weights.index_select(0, idx)
-    if group_sums is not None:
+    if group_sums is not None:   # no boolean indexing below: no device sync per chunk
         g = groups.reshape(-1).to(idx.device).index_select(0, idx)
-        keep = (g >= 0) & (g < group_sums.shape[0])
+        keep = ((g >= 0) & (g < group_sums.shape[0])).to(group_sums.dtype)
+        g = torch.where(keep > 0, g, torch.zeros_like(g))
     n = h.shape[0]
     needed = chunks_needed(n, chunk_size)
     if n_chunks is None:
@@ -172,6 +173,5 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
             part = _chunk_ce(*args)
         total = total + part.sum()
         if group_sums is not None:
-            k = keep[sl]
-            group_sums.index_add_(0, g[sl][k], part.detach()[k].to(group_sums.dtype))
+            group_sums.index_add_(0, g[sl], part.detach().to(group_sums.dtype) * keep[sl])
     return total
