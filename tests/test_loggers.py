@@ -84,3 +84,18 @@ def test_wandb_offline_logs_every_metric_and_plot_draws_them(tmp_path, in_root, 
         assert len(im.convert("L").getcolors(256) or []) > 20
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "no metrics.jsonl" in result.output
+
+
+def test_log_wandb_without_the_package_is_one_line(monkeypatch, in_root):
+    import importlib.util
+
+    import pytest
+
+    from vlmft.recipe import RecipeError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RecipeError) as e:
+        load(DEMO, ["log.wandb=true"])
+    assert e.value.errors == ["log.wandb: the wandb package is not installed; pip install 'vlmft[wandb]' "
+                              "or set log.wandb=false"]

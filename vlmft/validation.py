@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import typing
@@ -199,6 +200,8 @@ def _eval_checks(r, e: list[str]) -> None:
     if not r.log.wandb:
         e += [f"log.{k}: only used with log.wandb=true" for k, v in WANDB_DEFAULTS.items()
               if getattr(r.log, k) != v]
+    elif importlib.util.find_spec("wandb") is None:
+        e.append("log.wandb: the wandb package is not installed; pip install 'vlmft[wandb]' or set log.wandb=false")
     train = entry_names(d.datasets) if all(x.path for x in d.datasets) else None
     evals = entry_names(d.eval) if all(x.path for x in d.eval) else None
     if evals is not None and len(set(evals)) < len(evals):
