@@ -37,6 +37,9 @@ the meta device from the config, as the CLI does) at step 0 and after one step; 
 flag, one engine each: requires_grad against the expected names, and one real training step:
 frozen weights bit-identical, every other weight changed.
 
+``eval`` (issue 13): vlmft.eval.evaluate (``vlmft eval``) on the demo's held-out set, the launch's
+``key=value`` arguments as recipe overrides, for every loss reduction.
+
 Results are plain numbers; the tests hold the thresholds.
 """
 
@@ -498,13 +501,13 @@ def task_nonfinite(rank: int, world: int, out: Path, extra: list[str]) -> dict:
     real_step, real_hidden = trainmod.train_step, forward.hidden_states
     state = {"calls": 0, "mode": None, "nan": False}
 
-    def stepper(eng, batches, recipe, world_, stop=False):
+    def stepper(eng, batches, recipe, world_, stop=False, **kw):
         k = state["calls"]
         state["calls"] += 1
         if k == NAN_STEP and state["mode"] == "empty":
             batches = [dict(b, labels=torch.full_like(b["labels"], X)) for b in batches]
         state["nan"] = k == NAN_STEP and state["mode"] == "nan" and rank == 1
-        return real_step(eng, batches, recipe, world_, stop)
+        return real_step(eng, batches, recipe, world_, stop, **kw)
 
     def hidden(*args, **kwargs):
         h = real_hidden(*args, **kwargs)
@@ -524,7 +527,26 @@ def task_nonfinite(rank: int, world: int, out: Path, extra: list[str]) -> dict:
     return {"runs": runs, "nan_step": NAN_STEP + 1}
 
 
-TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim, "nonfinite": task_nonfinite}
+# ------------------------------------------------------------------------------------------
+# Task: eval (issue 13, evaluation)
+
+
+def task_eval(rank: int, world: int, out: Path, extra: list[str]) -> dict:
+    """vlmft.eval.evaluate (what `vlmft eval` runs) on the demo's held-out set split in two by
+    the ``extra`` overrides, packed 2 packs a micro-batch, for every reduction; the test compares
+    each figure with one rank's."""
+    from vlmft.eval import evaluate
+
+    results = {}
+    for reduction in REDUCTIONS:
+        recipe = load(DEMO, [*extra, f"loss.reduction={reduction}", "train.micro_batch_size=2"])
+        r = evaluate(recipe, None, generate=False)
+        results[reduction] = {"datasets": r["datasets"], "overall": r["overall"],
+                              "samples_per_rank": r["samples_per_rank"]}
+    return results
+
+
+TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim, "nonfinite": task_nonfinite, "eval": task_eval}
 
 
 def main(argv: list[str]) -> None:
@@ -539,7 +561,7 @@ def main(argv: list[str]) -> None:
         torch.manual_seed(0)
         t = time.perf_counter()
         fn = TASKS[task]
-        results[task] = fn(rank, world, out, argv[3:]) if task in ("e2e", "nonfinite") else fn(rank, world)
+        results[task] = fn(rank, world, out, argv[3:]) if task in ("e2e", "nonfinite", "eval") else fn(rank, world)
         results[task]["task_s"] = time.perf_counter() - t
     results["wall_s"] = time.perf_counter() - t0
     if rank == 0:

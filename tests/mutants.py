@@ -6,11 +6,14 @@ under each and asserts that they fail.
 - ``sample_square_swap``: ``sample`` weighs a token by 1/sqrt(n) and ``square`` by 1/n.
 - ``no_position_restart``: position ids run on over the whole packed row.
 - ``bias_decay``: biases get weight decay.
+- ``eval_token_reduction``: the eval loss weighs every token alike whatever loss.reduction says.
+- ``adaptive_unweighted``: the adaptive weights are computed and logged but never put on the rows.
 """
 
 from __future__ import annotations
 
-MUTANTS = ("no_label_shift", "sample_square_swap", "no_position_restart", "bias_decay")
+MUTANTS = ("no_label_shift", "sample_square_swap", "no_position_restart", "bias_decay",
+           "eval_token_reduction", "adaptive_unweighted")
 
 
 def apply(name: str) -> None:
@@ -69,3 +72,20 @@ def _bias_decay():
         return None if name.endswith(".bias") else reason(name, p, *args)
 
     optim._no_decay_reason = decayed
+
+
+def _eval_token_reduction():
+    from vlmft import eval_loss
+
+    weights = eval_loss.token_weights
+
+    def token_only(labels, sample_ids, loss_weight, reduction):
+        return weights(labels, sample_ids, loss_weight, "token")
+
+    eval_loss.token_weights = token_only
+
+
+def _adaptive_unweighted():
+    from vlmft import per_dataset
+
+    per_dataset.weigh = lambda batches, d: None

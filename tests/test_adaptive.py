@@ -1,5 +1,7 @@
 """Adaptive dataset weights (data.adaptive): the update rules on synthetic loss sequences, the
-bounds, and exact resume; the recipe refuses the knob until evaluation datasets exist."""
+bounds, and exact resume; the recipe's checks; in training on two synthetic datasets of
+different difficulty, the weights that follow the held-out losses, act on the loss, and come
+back exactly after a resume."""
 
 from __future__ import annotations
 
@@ -101,11 +103,134 @@ def test_bad_inputs_are_refused():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.adaptive=progress", "data.adaptive: progress needs evaluation datasets (data.eval)"),
-    ("data.adaptive_cap=3.0", "data.adaptive_cap: only used with data.adaptive"),
-    ("data.adaptive_floor=1.5", "data.adaptive_floor: must be in (0, 1]"),
+    (["data.adaptive=progress", "data.eval=[]"], "data.adaptive: progress needs evaluation datasets"),
+    (["data.adaptive=progress"], "data.adaptive: the weights change at each evaluation; set eval.every_steps > 0"),
+    (["data.adaptive=difficulty", "eval.every_steps=5", "data.eval.0.measures=''", "data.eval.0.name=other"],
+     "data.adaptive: no data.eval set measures train; add one with measures: train"),
+    (["data.adaptive_cap=3.0"], "data.adaptive_cap: only used with data.adaptive"),
+    (["data.adaptive_floor=1.5"], "data.adaptive_floor: must be in (0, 1]"),
 ])
-def test_recipe_refuses_adaptive_until_evaluation_exists(override, message, in_root):
+def test_recipe_refuses_adaptive_without_a_set_measuring_each_dataset(override, message, in_root):
     with pytest.raises(RecipeError) as e:
-        load(DEMO, [override])
+        load(DEMO, override)
     assert any(message in line for line in e.value.errors), e.value.errors
+    assert load(DEMO, ["data.adaptive=progress", "eval.every_steps=5"]).data.adaptive == "progress"
+
+
+# ------------------------------------------------------------------------------------------
+# In training: two synthetic datasets of different difficulty
+
+
+def two_datasets(root) -> list[str]:
+    """easy: 'Say yes.' -> 'Yes.'; hard: sums in words (both text-only), and held-out sets."""
+    import random
+
+    from vlmft.demo_assets import NUMBERS
+
+    def easy(n):
+        return [{"conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "Yes."}]}] * n
+
+    def hard(n, seed):
+        rng, rows = random.Random(seed), []
+        for _ in range(n):
+            a, b = rng.randint(0, 5), rng.randint(0, 5)
+            rows.append({"conversations": [
+                {"from": "human", "value": f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"},
+                {"from": "gpt", "value": f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}."}]})
+        return rows
+
+    for name, rows in (("easy", easy(120)), ("hard", hard(120, 1)), ("easy_eval", easy(20)), ("hard_eval", hard(20, 3))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"data.datasets=[{{path: '{root}/easy.jsonl'}}, {{path: '{root}/hard.jsonl'}}]",
+            f"data.eval=[{{path: '{root}/easy_eval.jsonl', measures: easy}}, "
+            f"{{path: '{root}/hard_eval.jsonl', measures: hard}}]",
+            "data.adaptive=progress", "eval.every_steps=4", "train.max_steps=24", "loss.reduction=token",
+            "checkpoint.every_steps=12"]
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    import os
+
+    from vlmft.distributed import setup_environment
+    from vlmft.train import train
+
+    from .conftest import ROOT
+
+    setup_environment()
+    root = tmp_path_factory.mktemp("adaptive")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        recipe = load(DEMO, two_datasets(root) + [f"output_dir={root}/full"])
+        train(recipe)
+    finally:
+        os.chdir(cwd)
+    return recipe, root
+
+
+def test_progress_raises_the_weight_of_the_dataset_whose_held_out_loss_falls_slower(adaptive_run, processor):
+    """The weights in metrics.jsonl follow the rule from the logged held-out losses, the hard
+    set (its loss falls slower) gains weight evaluation after evaluation, and the weights act on
+    training: with the token reduction a step's loss is sum_i w_i L_i N_i / sum_i w_i N_i over
+    its datasets (L_i its per-dataset loss, N_i its supervised tokens, counted from the plan)."""
+    from vlmft.data.catalog import build_catalog
+    from vlmft.data.stream import PackPlan
+
+    recipe, root = adaptive_run
+    rows = _rows(root / "full")
+    evals = [r for r in rows if "eval/hard_eval/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12, 16, 20, 24]
+    ref = AdaptiveWeights(["easy", "hard"], "progress")
+    for r, after in zip(evals, evals[1:] + [None]):
+        w = ref.update({"easy": r["eval/easy_eval/loss"], "hard": r["eval/hard_eval/loss"]})
+        if after is not None:   # the next step trains with the weights of this evaluation
+            nxt = next(x for x in rows if x["step"] == r["step"] + 1)
+            assert nxt["adaptive/hard/weight"] == w["hard"] and nxt["adaptive/easy/weight"] == w["easy"]
+    nxt = [next(x for x in rows if x["step"] == r["step"] + 1) for r in evals[:-1]]
+    hard = [x["adaptive/hard/weight"] for x in nxt]
+    # over the run the hard set's held-out loss fell slower, relatively, and its weight rose above
+    # its start and above the easy set's (step by step the rule above decides; checked exactly)
+    first, last = evals[0], evals[-2]
+    assert (last["eval/hard_eval/loss"] / first["eval/hard_eval/loss"]
+            > last["eval/easy_eval/loss"] / first["eval/easy_eval/loss"])
+    assert hard[0] == 1.0 and hard[-1] > 1.0 and hard[-1] > nxt[-1]["adaptive/easy/weight"], hard
+    catalog = build_catalog(recipe, processor)
+    plan = PackPlan(recipe, catalog)
+    checked = 0
+    for r in rows:
+        if r["step"] <= 5 or r["train/easy/loss"] is None or r["train/hard/loss"] is None:
+            continue
+        n = [0, 0]
+        for pack in plan.step(r["step"] - 1, world=1):
+            for i in pack:
+                n[catalog.samples[i].dataset] += catalog.samples[i].n_supervised
+        w = [r["adaptive/easy/weight"], r["adaptive/hard/weight"]]
+        L = [r["train/easy/loss"], r["train/hard/loss"]]
+        want = sum(wi * li * ni for wi, li, ni in zip(w, L, n)) / sum(wi * ni for wi, ni in zip(w, n))
+        assert abs(r["loss"] - want) <= 1e-6 * r["loss"], r["step"]
+        checked += 1
+    assert checked >= 3
+
+
+def test_a_resumed_run_reproduces_the_weights_and_losses_of_the_uninterrupted_one(adaptive_run, tmp_path, in_root):
+    import shutil
+
+    from vlmft.train import train
+
+    recipe, root = adaptive_run
+    out = tmp_path / "resumed"
+    shutil.copytree(root / "full" / "checkpoints" / "step12", out / "checkpoints" / "step12")
+    (out / "checkpoints" / "latest").write_text("step12")
+    train(load(DEMO, two_datasets(root) + [f"output_dir={out}"]), resume="auto")
+    full = {r["step"]: r for r in _rows(root / "full")}
+    resumed = _rows(out)
+    assert [r["step"] for r in resumed] == list(range(13, 25))
+    keys = ("loss", "train/easy/loss", "train/hard/loss", "adaptive/easy/weight", "adaptive/hard/weight",
+            "eval/easy_eval/loss", "eval/hard_eval/loss")
+    for r in resumed:
+        assert {k: r.get(k) for k in keys} == {k: full[r["step"]].get(k) for k in keys}, r["step"]

@@ -1,6 +1,7 @@
 """The fast tests catch the deliberate bugs of tests/mutants.py: each mutant, applied for a whole
 pytest session, makes the tests that guard it fail (measured 2026-11-30 over the whole fast
-suite: no_label_shift 5 failures, sample_square_swap 4, no_position_restart 15, bias_decay 6)."""
+suite: no_label_shift 5 failures, sample_square_swap 4, no_position_restart 15, bias_decay 6;
+over tests/test_eval.py and tests/test_adaptive.py: eval_token_reduction 2, adaptive_unweighted 1)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ KILLERS = {
     "sample_square_swap": ["tests/test_loss.py", "tests/test_loss_vs_model.py"],
     "no_position_restart": ["tests/test_packed_logits.py", "tests/test_packing.py"],
     "bias_decay": ["tests/test_optim.py"],
+    "eval_token_reduction": ["tests/test_eval.py"],
+    "adaptive_unweighted": ["tests/test_adaptive.py"],
 }
 
 

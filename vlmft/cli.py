@@ -217,6 +217,53 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def eval_cmd(
+    recipe: str = RECIPE,
+    overrides: Optional[list[str]] = OVERRIDES,
+    model: Optional[str] = typer.Option(None, help="A run's final/ (any HF folder) or checkpoints/stepN; "
+                                        "default: the recipe's model (before training)."),
+    data: Optional[str] = typer.Option(None, help="Evaluate this JSONL, JSON array or meta JSON instead of data.eval."),
+    no_generate: bool = typer.Option(False, "--no-generate", help="Loss and visual reliance only: no answers."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Held-out loss per eval set, the loss with blank images (visual reliance) and the exact
+    match of greedy answers, on one model; under torchrun the ranks share the work."""
+    from . import eval as ev
+    from . import runtime
+
+    r = _load(recipe, list(overrides or []) + (ev.data_override(data) if data else []))
+    if not r.data.eval:
+        _fail(["data.eval: no evaluation datasets; add data.eval to the recipe or pass --data FILE"])
+    with _user_errors(model or r.model.name_or_path):
+        for note in runtime.setup(r.model.name_or_path, threads=True, distributed=True):
+            _note(note)
+        result = ev.evaluate(r, model, generate=not no_generate)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if as_json:
+        print(json.dumps(result))
+        return
+    for line in result["drop_table"]:
+        _note(line)
+    out.print(ev.render(result), soft_wrap=True)
+
+
+@app.command()
+def plot(
+    run: str = typer.Argument(..., help="A run's output_dir, e.g. runs/demo.", show_default=False),
+    out: Optional[str] = typer.Option(None, help="PNG to write (default: RUN/curves.png)."),
+):
+    """Train and eval loss per dataset and the learning rate, as a PNG, from metrics.jsonl."""
+    from . import plot as plots
+
+    try:
+        path = plots.plot(run, out)
+    except ValueError as exc:
+        _fail([str(exc)])
+    err.print(f"wrote {path}", soft_wrap=True, highlight=False)
+
+
 @app.command("recipe")
 def recipe_schema(
     section: Optional[str] = typer.Argument(None, help="A section or key, e.g. optim or data.packing.", show_default=False),

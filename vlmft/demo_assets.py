@@ -12,7 +12,7 @@ real checkpoint.
 The data, in the LLaVA/InternVL conversation format: pillow draws a shape of some colour on a
 background, a fresh image for every question. ``train.jsonl`` asks for the colour or the shape
 (short answers; half the records), describes a shape over two turns, asks which of two images
-holds a colour, and has text-only arithmetic in words; ``heldout.jsonl`` asks colour and shape questions about images
+holds a colour, and has text-only arithmetic in words; ``eval.jsonl`` asks colour and shape questions about images
 training never saw (answers like ``red.``: exact match measures what the model learned to see).
 """
 
@@ -104,13 +104,13 @@ def _record(rng: random.Random, out: Path, i: int, kind: int) -> dict:
 
 def make_data(out: Path, n: int = 480, heldout: int = 60, seed: int = 0) -> Path:
     """Write out/images/*, out/train.jsonl (kinds cycle 0..5: colour, shape, two-turn, two
-    images, arithmetic, colour or shape) and out/heldout.jsonl (colour and shape questions on new
+    images, arithmetic, colour or shape) and out/eval.jsonl (colour and shape questions on new
     images); return the training JSONL's path."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     train = [_record(rng, out, i, i % 6) for i in range(n)]
     held = [dict(_record(rng, out, n + k, k % 2), id=f"h{k}") for k in range(heldout)]
-    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out / "train.jsonl"
 
@@ -164,7 +164,7 @@ def make_model(out: Path, corpus: list[str], seed: int = 0) -> Path:
 def build(root: Path) -> None:
     data = make_data(root / "data")
     corpus = ["system user assistant"] + [
-        turn["value"].replace("<image>", "") for name in ("train.jsonl", "heldout.jsonl")
+        turn["value"].replace("<image>", "") for name in ("train.jsonl", "eval.jsonl")
         for line in (data.parent / name).read_text().splitlines()
         for turn in json.loads(line)["conversations"]]
     make_model(root / "model", corpus)

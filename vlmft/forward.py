@@ -57,16 +57,20 @@ class LossModule(nn.Module):
         self.chunk_size = chunk_size
         self.blank = blank
 
-    def forward(self, inputs: dict, weights: torch.Tensor, n_chunks: int | None = None) -> torch.Tensor:
+    def forward(self, inputs: dict, weights: torch.Tensor, n_chunks: int | None = None, groups: int = 0):
+        """S_mb; with ``groups`` > 0, (S_mb, float64 [groups]: each group's part of S_mb), the
+        groups read from ``inputs["groups"]`` (one index per token, e.g. its dataset)."""
         blank = []
         hidden = hidden_states(self.model, self.family, inputs, self.blank, blank)
+        sums = torch.zeros(groups, dtype=torch.float64, device=hidden.device) if groups else None
         s = lossmod.weighted_ce_sum(hidden, self.model.get_output_embeddings(), inputs["labels"].to(hidden.device),
-                                    weights.to(hidden.device), self.chunk_size, n_chunks=n_chunks)
+                                    weights.to(hidden.device), self.chunk_size, n_chunks=n_chunks,
+                                    groups=inputs.get("groups"), group_sums=sums)
         for feats in blank:
             total = sum_tensors(feats)
             if total is not None:
                 s = s + 0.0 * total
-        return s
+        return (s, sums) if groups else s
 
 
 def hidden_states(model: nn.Module, family: Family, inputs: dict, blank: dict | None = None,

@@ -120,13 +120,15 @@ def chunks_needed(n_supervised: int, chunk_size: int) -> int:
 
 
 def _chunk_ce(lm_head: nn.Module, h: Tensor, labels: Tensor, w: Tensor) -> Tensor:
+    """The chunk's weighted per-token cross-entropy c_t l_t (summed by the caller)."""
     logits = lm_head(h).float()
     ce = F.cross_entropy(logits, labels, reduction="none")
-    return (ce * w).sum()
+    return ce * w
 
 
 def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights: Tensor,
-                    chunk_size: int, n_chunks: int | None = None) -> Tensor:
+                    chunk_size: int, n_chunks: int | None = None, groups: Tensor | None = None,
+                    group_sums: Tensor | None = None) -> Tensor:
     """sum_t weights_t * CE(fp32(lm_head(hidden_t)), labels_t), a 0-d float32 tensor.
 
     ``hidden`` [..., D], ``labels`` and ``weights`` [...] (flattened here). Only positions with a
@@ -135,6 +137,9 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
     logits (backward recomputes the chunk's logits). Without any such position the head is still
     called once on zero rows, so the graph reaches it (zero gradient) on every rank.
     ``n_chunks`` forces that many head calls (ZeRO-3, see the module docstring).
+    ``groups`` (a group index per position, e.g. its dataset) with ``group_sums`` (a 1-D tensor,
+    float64 for exact sums): each group's sum of c_t l_t is added into ``group_sums[g]``
+    (detached; positions outside 0..len-1 are left out).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -146,6 +151,10 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
                          f"weights {weights.shape[0]}")
     idx = ((weights != 0) & (labels != IGNORE_INDEX)).nonzero().squeeze(1)
     h, labels, weights = h.index_select(0, idx), labels.index_select(0, idx), weights.index_select(0, idx)
+    if group_sums is not None:   # no boolean indexing below: no device sync per chunk
+        g = groups.reshape(-1).to(idx.device).index_select(0, idx)
+        keep = ((g >= 0) & (g < group_sums.shape[0])).to(group_sums.dtype)
+        g = torch.where(keep > 0, g, torch.zeros_like(g))
     n = h.shape[0]
     needed = chunks_needed(n, chunk_size)
     if n_chunks is None:
@@ -162,5 +171,7 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
             part = checkpoint(_chunk_ce, *args, use_reentrant=False, preserve_rng_state=False)
         else:
             part = _chunk_ce(*args)
-        total = total + part
+        total = total + part.sum()
+        if group_sums is not None:
+            group_sums.index_add_(0, g[sl], part.detach().to(group_sums.dtype) * keep[sl])
     return total

@@ -69,6 +69,20 @@ class DatasetConfig:
 
 
 @dataclass
+class EvalDatasetConfig:
+    path: str = ""
+    """Held-out conversations: JSONL, a .json array of records or an InternVL meta JSON (as in
+    data.datasets)."""
+    name: str = ""
+    """Name in eval reports and metrics (eval/NAME/loss); defaults to the file name."""
+    image_root: str = ""
+    """Folder that relative image paths are read from; defaults to the data file's folder."""
+    measures: str = ""
+    """The training dataset (its name in data.datasets) whose progress this set measures, for
+    data.adaptive (which checks it); empty = the training dataset of the same name, if any."""
+
+
+@dataclass
 class PackingConfig:
     enabled: bool = True
     """Pack several samples into one row of at most max_packed_tokens; off = one sample a row."""
@@ -106,6 +120,8 @@ class PackingConfig:
 class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     """The training datasets, mixed by size x repeat_time."""
+    eval: list[EvalDatasetConfig] = field(default_factory=list)
+    """Held-out datasets evaluated every eval.every_steps and at the end (see the eval section)."""
     packing: PackingConfig = field(default_factory=PackingConfig)
     """How samples are grouped into rows."""
     max_tiles_per_image: int = 0
@@ -148,8 +164,9 @@ class DataConfig:
     samples to within one pack (dataset = the datasets; modality = text-only, one image,
     several images); none = packs of all groups shuffled together."""
     adaptive: str = choice("none", "none", "progress", "difficulty")
-    """Per-dataset loss weights recomputed at every evaluation (vlmft/data/adaptive.py): progress
-    (M2-omni) or difficulty (VisATB). Needs evaluation datasets (data.eval), not available yet."""
+    """Per-dataset loss weights recomputed from the held-out losses at every evaluation
+    (vlmft/data/adaptive.py): progress (M2-omni) or difficulty (VisATB). Needs data.eval with a
+    set that measures each training dataset."""
     adaptive_floor: float = 0.5
     """data.adaptive: lowest weight a dataset can get (weights average 1)."""
     adaptive_cap: float = 2.0
@@ -271,11 +288,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate data.eval every N optimizer steps (0 = only at the end; the end always is)."""
+    visual_reliance: bool = True
+    """Also measure the eval loss with every image replaced by a blank one of the same size
+    (eval/NAME/loss_blank_images and eval/NAME/visual_gap, the difference)."""
+    generate: bool = False
+    """Greedy answers to the eval samples whose reference (last assistant turn) fits
+    max_new_tokens: exact match per dataset, predictions in output_dir/eval/stepN/NAME.jsonl
+    (`vlmft eval` answers unless --no-generate)."""
+    max_new_tokens: int = 32
+    """Most tokens generated per answer; samples with a longer reference are scored by loss only."""
+    max_generate_samples: int = 0
+    """Most samples per eval dataset answered by generation, the first ones (0 = every short one)."""
+
+
+@dataclass
 class LogConfig:
     every_steps: int = 1
     """Log metrics every N optimizer steps."""
     tensorboard: bool = False
     """Also write TensorBoard event files under output_dir/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install 'vlmft[wandb]'); files under output_dir/wandb."""
+    wandb_project: str = "vlmft"
+    """log.wandb: the W&B project."""
+    wandb_run_name: str = ""
+    """log.wandb: the run's name; empty = the output_dir folder's name."""
+    wandb_mode: str = choice("online", "online", "offline")
+    """log.wandb: online syncs as it goes; offline writes only locally (`wandb sync` later)."""
 
 
 @dataclass
@@ -296,6 +338,8 @@ class Recipe:
     """Steps, batch and seed."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """DeepSpeed settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation on data.eval: held-out loss, visual reliance, answer accuracy."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)

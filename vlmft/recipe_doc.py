@@ -17,11 +17,12 @@ import typing
 
 import yaml
 
-from .recipe import DatasetConfig, Recipe, field_docs
+from .recipe import DatasetConfig, EvalDatasetConfig, Recipe, field_docs
 
 # keys a starting recipe sets; the rest are written commented out at their defaults
-ESSENTIAL = ("output_dir", "model.name_or_path", "data.datasets", "train.max_steps", "optim.lr")
+ESSENTIAL = ("output_dir", "model.name_or_path", "data.datasets", "data.eval", "train.max_steps", "optim.lr")
 STARTER_DATASET = DatasetConfig(path="demo/data/train.jsonl")
+STARTER_ENTRIES = {"data.datasets": STARTER_DATASET, "data.eval": EvalDatasetConfig(path="demo/data/eval.jsonl")}
 STARTER_HEAD = """\
 # A vlmft recipe. `vlmft recipe [SECTION]` prints every key with its type, default and help.
 # Set the model and the data to yours; keys commented out ('# key: value') show the default,
@@ -100,13 +101,23 @@ def _lines(cls, obj, prefix: str, indent: str, on: bool) -> list[str]:
         if dataclasses.is_dataclass(tp):
             out.append(f"{indent}{mark}{f.name}:")
             out += _lines(tp, getattr(obj, f.name), key + ".", indent + "  ", active)
-        elif key == "data.datasets":
+        elif key in STARTER_ENTRIES:
+            entry = STARTER_ENTRIES[key]
             out.append(f"{indent}{mark}{f.name}:")
-            item = _lines(DatasetConfig, STARTER_DATASET, "data.datasets[].", indent + "    ", False)
+            item = _lines(type(entry), entry, key + "[].", indent + "    ", False)
             first = next(i for i, line in enumerate(item) if "# path:" in line)
             out += [line.replace("    ", "  ", 1) for line in item[:first]]  # path's help
-            out.append(f"{indent}  {mark}- path: {_yaml(STARTER_DATASET.path)}")
+            out.append(f"{indent}  {mark}- path: {_yaml(entry.path)}")
             out += item[first + 1:]
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out.append(f"{indent}# {f.name}:")        # e.g. data.eval: one entry, every key commented
+            item = typing.get_args(tp)[0]
+            lines = _lines(item, item(), key + "[].", indent + "    ", False)
+            head = f"{indent}    # {dataclasses.fields(item)[0].name}: "
+            first = next(i for i, line in enumerate(lines) if line.startswith(head))
+            out += [line.replace("    ", "  ", 1) for line in lines[:first]]
+            out.append(lines[first].replace(f"{indent}    # ", f"{indent}  # - ", 1))
+            out += lines[first + 1:]
         else:
             out.append(f"{indent}{mark}{f.name}: {_yaml(getattr(obj, f.name))}")
     return out

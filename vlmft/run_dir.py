@@ -11,8 +11,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-# what a run writes into output_dir (train.py, metrics.py, engine.py)
-ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "recipe.yaml", "tb")
+# what a run writes into output_dir (train.py, metrics.py, engine.py, eval.py, plot.py)
+ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "recipe.yaml", "tb", "wandb", "eval", "curves.png")
+# what `vlmft eval` may write there before any training (predictions): not yet a run
+BEFORE_TRAINING = ("eval",)
 
 
 def _contents(folder: Path) -> str:
@@ -30,7 +32,7 @@ def refusal(output_dir: str, resume: str | None, overwrite: bool) -> str | None:
         return ("--resume continues the run in output_dir and --overwrite replaces it; give "
                 "one of them")
     folder = Path(output_dir).expanduser()
-    if resume or overwrite or not folder.is_dir() or not any(folder.iterdir()):
+    if resume or overwrite or not folder.is_dir() or all(p.name in BEFORE_TRAINING for p in folder.iterdir()):
         return None
     return (f"output_dir: '{output_dir}' already holds a run ({_contents(folder)}); pass "
             "--resume auto to continue it, --overwrite to replace it, or choose another output_dir")

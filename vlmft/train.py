@@ -27,14 +27,14 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import engine as ds
 from . import loss as lossmod
-from . import optim, schedule
+from . import optim, per_dataset, schedule, train_eval
 from .data import drops, epochs
 from .data.catalog import build_catalog
 from .data.loader import StepLoader, bad_fraction_error
 from .distributed import all_reduce_sum
 from .distributed import init as init_distributed
 from .forward import LossModule, model_inputs, to_device
-from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
+from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths, wandb_settings
 from .model import family, family_problems, load_config, load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
@@ -63,12 +63,15 @@ class StepResult:
     skipped: bool           # nothing supervised anywhere: no update
     stop: bool = False      # some rank was signalled (SIGTERM/SIGINT): every rank saves and exits
     nonfinite: bool = False  # the global gradient norm was not finite: no update
+    dataset_sums: list = field(default_factory=list)     # per training dataset: sum c_t l_t (all ranks)
+    dataset_weights: list = field(default_factory=list)  # ... and sum c_t
 
 
-def step_counts(batches: list[dict], reduction: str, stop: bool = False, device=None):
+def step_counts(batches: list[dict], reduction: str, stop: bool = False, device=None, n_datasets: int = 0):
     """This rank's per-token weights of each micro-batch (computed once: summed for W, then
-    passed to the loss) and the vector [W, tokens, supervised, samples, bad, stop] that the
-    step all-reduces once before its first backward."""
+    passed to the loss) and the vector [W, tokens, supervised, samples, bad, stop, W_0..W_{n-1}]
+    (W_i: dataset i's part of W, vlmft/per_dataset.py) that the step all-reduces once before
+    its first backward."""
     weights = [lossmod.token_weights(b["labels"], b["sample_ids"], b.get("loss_weight"), reduction)
                for b in batches]
     local_w = sum((w.sum(dtype=torch.float64) for w in weights), torch.zeros((), dtype=torch.float64))
@@ -79,10 +82,13 @@ def step_counts(batches: list[dict], reduction: str, stop: bool = False, device=
         sum(b["num_samples"] for b in batches),
         sum(b.get("num_bad", 0) for b in batches),
         float(stop)], dtype=torch.float64, device=device)
+    if n_datasets:
+        counts = torch.cat([counts, per_dataset.weight_sums(weights, batches, n_datasets).to(device)])
     return weights, counts
 
 
-def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool = False) -> StepResult:
+def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool = False,
+               n_datasets: int = 0) -> StepResult:
     """One optimizer step over this rank's micro-batches.
 
     W = the step's global weight sum over all ranks and micro-batches (one all-reduce, before
@@ -91,6 +97,8 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     L = sum S_mb / W over the whole step (loss.py derives it). Clipping sees that gradient.
     The per-token weights are computed once (for W and for each S_mb); the only other
     collective of ours is the all-reduce of the logged loss, which overlaps the optimizer step.
+    With ``n_datasets`` the batches carry ``sample_dataset`` and the logged loss is also split
+    per training dataset (its parts of S and W ride in the same two all-reduces).
 
     Finite guard: a step whose global gradient norm is not finite (a NaN or inf loss on any
     rank makes it so) changes no weight and no optimizer state on any rank: ZeRO 1-3 find it in
@@ -100,28 +108,37 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     an empty step.
     """
     dev = eng.device
-    weights, counts = step_counts(batches, recipe.loss.reduction, stop, dev)
+    weights, counts = step_counts(batches, recipe.loss.reduction, stop, dev, n_datasets)
     counts = all_reduce_sum(counts)  # the step's one collective before the first backward
     W = counts[0].float()
-    tokens, supervised, samples, bad, stops = (int(x) for x in counts[1:].tolist())
+    tokens, supervised, samples, bad, stops = (int(x) for x in counts[1:6].tolist())
+    w_ds = counts[6:].tolist()
     if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
         eng.lr_scheduler.step()
         return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True, stop=stops > 0)
     zero3 = recipe.engine.zero_stage == 3
     n_chunks = _agreed_chunks(batches, recipe, dev) if zero3 else None
     s_sum = torch.zeros((), device=dev)
+    parts = torch.zeros(n_datasets, dtype=torch.float64, device=dev)
     pending, applied = None, True
     module = eng.module  # forward.LossModule
     for i, b in enumerate(batches):
         inputs = to_device(model_inputs(module.family, module.model, b), dev)
-        s = eng(inputs, weights[i].to(dev), n_chunks=None if n_chunks is None else n_chunks[i])
+        if n_datasets:
+            inputs["groups"] = per_dataset.token_datasets(b).to(dev)
+        s = eng(inputs, weights[i].to(dev), n_chunks=None if n_chunks is None else n_chunks[i], groups=n_datasets)
+        if n_datasets:
+            s, part = s
+            parts += part
         ds.backward(eng, lossmod.scaled_loss(s, W, world))
         s_sum += s.detach().float()
         last = i == len(batches) - 1
+        if last and n_datasets:
+            parts = torch.cat([s_sum.double().view(1), parts])
         if last and world > 1:  # the logged L = sum of S over ranks / W: summed while DeepSpeed steps
             import torch.distributed as dist
 
-            pending = dist.all_reduce(s_sum, op=dist.ReduceOp.SUM, async_op=True)
+            pending = dist.all_reduce(parts if n_datasets else s_sum, op=dist.ReduceOp.SUM, async_op=True)
         if last and recipe.engine.zero_stage == 0 and not _grads_finite(module.model):
             module.model.zero_grad(set_to_none=True)  # the optimizer then updates nothing
             eng.step()
@@ -133,9 +150,9 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
         pending.wait()
     if not applied:
         eng.lr_scheduler.step()  # ZeRO's skip leaves the schedule behind; an empty step moves it
-    loss = s_sum / W
-    return StepResult(float(loss), tokens, supervised, samples, bad, skipped=not applied, stop=stops > 0,
-                      nonfinite=not applied)
+    loss = float(parts[0] / counts[0]) if n_datasets else float(s_sum / W)
+    return StepResult(loss, tokens, supervised, samples, bad, skipped=not applied, stop=stops > 0,
+                      nonfinite=not applied, dataset_sums=parts[1:].tolist(), dataset_weights=w_ds)
 
 
 def _grads_finite(model: nn.Module) -> bool:
@@ -203,6 +220,9 @@ class Run:
     seen: int = 0                # samples read (good and bad, all ranks)
     preempted: bool = False
     losses: list = field(default_factory=list)
+    names: list = field(default_factory=list)   # the training datasets (catalog order)
+    evaluator: object = None     # eval.Evaluator when data.eval is set
+    adaptive: object = None      # data.adaptive.AdaptiveWeights when data.adaptive is on
 
 
 def train(recipe: Recipe, resume: str | None = None, force: bool = False) -> TrainResult:
@@ -244,6 +264,8 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
         print("\n".join(drops.table_lines(catalog)), file=sys.stderr)
     if drops.budget_errors(catalog, recipe.data.max_bad_fraction):
         raise RecipeError(drops.budget_errors(catalog, recipe.data.max_bad_fraction))
+    names = [d.name for d in catalog.datasets]
+    evaluator, adaptive = train_eval.setup(recipe, processor, names, rank, world, saved)
     recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
     if rank == 0 and steps_note:
         print(steps_note, file=sys.stderr)
@@ -267,14 +289,16 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     loader = StepLoader(recipe, catalog, processor, rank, world, start_step=start)
     if stream_state:
         loader.load_state_dict(stream_state)  # O(1): no replay of earlier steps
-    metrics = Metrics(recipe.output_dir, recipe.train.max_steps, start, rank, recipe.log.tensorboard)
+    metrics = Metrics(recipe.output_dir, recipe.train.max_steps, start, rank, recipe.log.tensorboard,
+                      wandb=wandb_settings(recipe.log, out, to_dict(recipe)))
     metrics.print(f"vlmft: {world} rank(s), {len(catalog.samples)} samples "
                   f"({sum(catalog.dropped.values())} dropped), zero stage {recipe.engine.zero_stage}, "
                   f"{recipe.engine.precision}, steps {start + 1}..{recipe.train.max_steps}"
                   + (f", resumed from {resume_from}" if resume_from else ""))
     # the bad-data budget counts planning drops and materialization failures against samples read
     return Run(recipe, rank, world, out, processor, catalog, model, optimizer, eng, loader, metrics,
-               start, resume_from, step=start, bad=sum(catalog.dropped.values()), seen=len(catalog.records))
+               start, resume_from, step=start, bad=sum(catalog.dropped.values()), seen=len(catalog.records),
+               names=names, evaluator=evaluator, adaptive=adaptive)
 
 
 def loop(run: Run) -> None:
@@ -282,12 +306,18 @@ def loop(run: Run) -> None:
     t0 = time.perf_counter()
     try:
         for step, batches, t_data in run.loader:
-            r = train_step(run.eng, batches, recipe, run.world, stop=preempt.flag)
-            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            extra = train_eval.weigh(run.adaptive, run.catalog.datasets, batches)
+            r = train_step(run.eng, batches, recipe, run.world, stop=preempt.flag, n_datasets=len(run.names))
+            dt = time.perf_counter() - t0
             run.step = step + 1
             _account(run, r)
-            if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps or _stop(run):
-                run.metrics.log(_row(run, r, batches, dt, t_data))
+            if run.evaluator and run.evaluator.due(run.step, recipe.train.max_steps):
+                extra.update(train_eval.evaluate(run.evaluator, run.adaptive, run.eng, run.model, run.step,
+                                                 recipe.engine.zero_stage == 3, run.metrics.print))
+            t0 = time.perf_counter()
+            if (step + 1) % recipe.log.every_steps == 0 or step + 1 == recipe.train.max_steps or _stop(run) \
+                    or any(k.startswith("eval/") for k in extra):
+                run.metrics.log({**_row(run, r, batches, dt, t_data), **extra})
             if _stop(run):
                 raise RecipeError([_stop(run)])
             run.preempted = r.stop
@@ -295,7 +325,8 @@ def loop(run: Run) -> None:
             if run.preempted or (every and run.step % every == 0 and run.step < recipe.train.max_steps):
                 ckpt.save(run.eng, run.out / "checkpoints", run.step, recipe.checkpoint.keep_last,
                           {"step": run.step, "stream": run.loader.state_dict(), "recipe": to_dict(recipe),
-                           "world_size": run.world})
+                           "world_size": run.world,
+                           "adaptive": run.adaptive.state_dict() if run.adaptive else None})
             if run.preempted:
                 run.metrics.print(f"vlmft: signal received; saved {run.out}/checkpoints/step{run.step}, "
                                   "exiting (continue with --resume auto)")
@@ -346,7 +377,9 @@ def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float)
         "mfu": flops / dt / peak if peak else None,
         # the LR each group used in this step (the scheduler has already moved on)
         "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in run.optimizer.param_groups},
-        "bad_samples": run.bad, "skipped_steps": run.skipped, "nonfinite_steps": run.nonfinite}
+        "bad_samples": run.bad, "skipped_steps": run.skipped, "nonfinite_steps": run.nonfinite,
+        **per_dataset.train_losses(r.dataset_sums or [0.0] * len(run.names),
+                                   r.dataset_weights or [0.0] * len(run.names), run.names)}
 
 
 def finish(run: Run) -> TrainResult:

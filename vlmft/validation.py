@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import typing
@@ -138,9 +139,6 @@ def _balance_checks(d, e: list[str]) -> None:
     if p.balance_compute and d.step_balance != "none":
         e.append("data.packing.balance_compute: not combined with data.step_balance (both decide "
                  "which packs share a step); set one of them")
-    if d.adaptive != "none":
-        e.append(f"data.adaptive: {d.adaptive} needs evaluation datasets (data.eval), which vlmft "
-                 "does not have yet; set data.adaptive=none")
     if not 0.0 < d.adaptive_floor <= 1.0:
         e.append(f"data.adaptive_floor: must be in (0, 1] (weights average 1), got {d.adaptive_floor}")
     if d.adaptive_cap < 1.0:
@@ -151,6 +149,83 @@ def _balance_checks(d, e: list[str]) -> None:
         for k, default in (("adaptive_floor", 0.5), ("adaptive_cap", 2.0), ("adaptive_smoothing", 0.5)):
             if getattr(d, k) != default:
                 e.append(f"data.{k}: only used with data.adaptive=progress or difficulty")
+
+
+EVAL_DEFAULTS = {"every_steps": 0, "visual_reliance": True, "generate": False, "max_new_tokens": 32,
+                 "max_generate_samples": 0}
+WANDB_DEFAULTS = {"wandb_project": "vlmft", "wandb_run_name": "", "wandb_mode": "online"}
+
+
+def _is_meta(path: Path) -> bool:
+    """An InternVL meta JSON (a .json file holding an object): its dataset names are inside."""
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head[:1] == b"{"
+
+
+def entry_names(entries) -> list[str] | None:
+    """The names data.datasets / data.eval entries give their datasets (name, else the file's
+    stem); None when an entry is a meta JSON (names known once it is read, at build time)."""
+    names = []
+    for d in entries:
+        p = Path(d.path).expanduser()
+        if _is_meta(p):
+            return None
+        names.append(d.name or p.stem)
+    return names
+
+
+def _eval_checks(r, e: list[str]) -> None:
+    """data.eval, the eval section, data.adaptive's needs, the wandb keys."""
+    d, ev = r.data, r.eval
+    for i, x in enumerate(d.eval):
+        key = f"data.eval[{i}]"
+        if not x.path:
+            e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
+        elif not Path(x.path).expanduser().is_file():
+            e.append(f"{key}.path: file '{x.path}' not found (relative paths are from {os.getcwd()})")
+        if x.image_root and not Path(x.image_root).expanduser().is_dir():
+            e.append(f"{key}.image_root: folder '{x.image_root}' not found")
+    if not d.eval:
+        e += [f"eval.{k}: only used with evaluation datasets (data.eval); add data.eval or remove it"
+              for k, v in EVAL_DEFAULTS.items() if getattr(ev, k) != v]
+    if ev.every_steps < 0:
+        e.append(f"eval.every_steps: must be >= 0, got {ev.every_steps}")
+    if ev.max_new_tokens < 1:
+        e.append(f"eval.max_new_tokens: must be > 0, got {ev.max_new_tokens}")
+    if ev.max_generate_samples < 0:
+        e.append(f"eval.max_generate_samples: must be >= 0, got {ev.max_generate_samples}")
+    if not r.log.wandb:
+        e += [f"log.{k}: only used with log.wandb=true" for k, v in WANDB_DEFAULTS.items()
+              if getattr(r.log, k) != v]
+    elif importlib.util.find_spec("wandb") is None:
+        e.append("log.wandb: the wandb package is not installed; pip install 'vlmft[wandb]' or set log.wandb=false")
+    train = entry_names(d.datasets) if all(x.path for x in d.datasets) else None
+    evals = entry_names(d.eval) if all(x.path for x in d.eval) else None
+    if evals is not None and len(set(evals)) < len(evals):
+        e.append(f"data.eval: two sets share a name ({', '.join(evals)}); give each a name")
+    if d.adaptive == "none":
+        return
+    if train is not None and evals is not None:
+        for i, (x, n) in enumerate(zip(d.eval, evals)):
+            if x.measures and x.measures not in train:
+                e.append(f"data.eval[{i}].measures: '{x.measures}' is not a training dataset "
+                         f"(data.datasets: {', '.join(train)})")
+    if not d.eval:
+        e.append(f"data.adaptive: {d.adaptive} needs evaluation datasets: add data.eval, a set "
+                 "measuring each training dataset (measures: NAME)")
+    elif ev.every_steps == 0:
+        e.append("data.adaptive: the weights change at each evaluation; set eval.every_steps > 0")
+    if train is not None and len(set(train)) < len(train):
+        e.append(f"data.adaptive: training datasets share a name ({', '.join(train)}); give each a name")
+    if d.eval and train is not None and evals is not None:
+        measured = {x.measures or n for x, n in zip(d.eval, evals)}
+        missing = [t for t in train if t not in measured]
+        if missing:
+            e.append(f"data.adaptive: no data.eval set measures {', '.join(missing)}; add one with "
+                     f"measures: {missing[0]} (or name it {missing[0]})")
 
 
 def semantic_checks(r) -> list[str]:
@@ -186,6 +261,7 @@ def semantic_checks(r) -> list[str]:
     if not 0.0 <= p.min_active_tokens_ratio <= 1.0:
         e.append("data.packing.min_active_tokens_ratio: must be in [0, 1]")
     _balance_checks(r.data, e)
+    _eval_checks(r, e)
     if not 0.0 <= r.data.max_bad_fraction <= 1.0:
         e.append("data.max_bad_fraction: must be in [0, 1]")
     positive("data.num_workers", r.data.num_workers, allow_zero=True)

@@ -297,8 +297,10 @@ class Materializer:
 
     def micro_batch(self, packs: list[list[int]]) -> dict:
         """Packs laid end to end in one row. Labels are shifted here, per sample: labels[t] is
-        the target of the prediction at t, and the last token of a sample has none."""
-        encs, lw = [], []
+        the target of the prediction at t, and the last token of a sample has none.
+        ``sample_dataset[k]``: the dataset of the row's sample k (-1 for the pad of an all-bad
+        micro-batch)."""
+        encs, lw, ds = [], [], []
         self.bad_log = []
         for pack in packs:
             for i in pack:
@@ -307,12 +309,14 @@ class Materializer:
                 if enc is not None:
                     encs.append(enc)
                     lw.append(self.catalog.datasets[ref.dataset].loss_weight)
+                    ds.append(ref.dataset)
         n = len(encs)
         if not encs:  # every sample of this micro-batch went bad: one pad token, weight 0
             pad = self.processor.tokenizer.pad_token_id
-            encs, lw = [tokens.Encoded([pad], [IGNORE_INDEX], token_row=[0] if self.family.token_key else None)], [0.0]
+            encs, lw, ds = [tokens.Encoded([pad], [IGNORE_INDEX], token_row=[0] if self.family.token_key else None)], [0.0], [-1]
         batch = row(encs, lw, self.family)
-        batch.update(num_samples=n, num_bad=sum(len(p) for p in packs) - n)
+        batch.update(num_samples=n, num_bad=sum(len(p) for p in packs) - n,
+                     sample_dataset=torch.tensor(ds, dtype=torch.long))
         return batch
 
 
