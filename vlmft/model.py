@@ -88,6 +88,17 @@ def load_model(cfg: ModelConfig, precision: str = "fp32"):
     return model
 
 
+def attention_note(model, gradient_checkpointing: str, row_tokens: int | None) -> str | None:
+    """The warning for sdpa's dense mask on packed rows of ``row_tokens`` (None: not packed)
+    when it is large (vlmft/attention.py); None otherwise."""
+    if not row_tokens:
+        return None
+    text = model.config.get_text_config()
+    return attention.dense_mask_note(text._attn_implementation, row_tokens, text.num_hidden_layers,
+                                     next(model.parameters()).element_size(),
+                                     recomputed=gradient_checkpointing in ("language", "both"))
+
+
 def enable_gradient_checkpointing(model, which: str, fam: Family) -> list[str]:
     """Turn on activation recomputation in the vision tower, the language model or both;
     returns the submodules switched on. Non-reentrant, so frozen towers and packed rows work."""

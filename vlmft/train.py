@@ -35,7 +35,7 @@ from .distributed import all_reduce_sum
 from .distributed import init as init_distributed
 from .forward import LossModule, model_inputs, to_device
 from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
-from .model import family, family_problems, load_config, load_model, load_processor
+from .model import attention_note, family, family_problems, load_config, load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
 
@@ -107,14 +107,15 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
         eng.lr_scheduler.step()
         return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True, stop=stops > 0)
-    zero3 = recipe.engine.zero_stage == 3
-    n_chunks = _agreed_chunks(batches, recipe, dev) if zero3 else None
+    # ZeRO-3: the same head calls in every micro-batch on every rank, so DeepSpeed's trace holds
+    n_chunks = lossmod.chunks_needed(recipe.train.micro_batch_size * recipe.data.packing.max_packed_tokens,
+                                     recipe.loss.chunk_size) if recipe.engine.zero_stage == 3 else None
     s_sum = torch.zeros((), device=dev)
     pending, applied = None, True
     module = eng.module  # forward.LossModule
     for i, b in enumerate(batches):
         inputs = to_device(model_inputs(module.family, module.model, b), dev)
-        s = eng(inputs, weights[i].to(dev), n_chunks=None if n_chunks is None else n_chunks[i])
+        s = eng(inputs, weights[i].to(dev), n_chunks=n_chunks)
         ds.backward(eng, lossmod.scaled_loss(s, W, world))
         s_sum += s.detach().float()
         last = i == len(batches) - 1
@@ -140,18 +141,6 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
 
 def _grads_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-
-
-def _agreed_chunks(batches: list[dict], recipe: Recipe, device=None) -> list[int]:
-    """Under ZeRO-3 every rank must call the head the same number of times per micro-batch.
-    The counts live on the engine's device: nccl all-reduces no CPU tensor."""
-    import torch.distributed as dist
-
-    need = torch.tensor([lossmod.chunks_needed(int((b["labels"] != lossmod.IGNORE_INDEX).sum()),
-                                               recipe.loss.chunk_size) for b in batches], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(need, op=dist.ReduceOp.MAX)
-    return need.tolist()
 
 
 class _Preemption:
@@ -247,7 +236,12 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
     if rank == 0 and steps_note:
         print(steps_note, file=sys.stderr)
-    model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
+    with ds.zero3_init(ds.ds_config(recipe, world)):  # ZeRO-3: partitioned as it is built
+        model = load_model(recipe.model, recipe.engine.precision)  # in the training dtype (model.py)
+    note = attention_note(model, recipe.model.gradient_checkpointing, recipe.data.packing.enabled
+                          and recipe.train.micro_batch_size * recipe.data.packing.max_packed_tokens)
+    if rank == 0 and note:
+        print(note, file=sys.stderr)
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)
