@@ -34,7 +34,8 @@ from .data.loader import StepLoader, bad_fraction_error
 from .distributed import all_reduce_sum
 from .distributed import init as init_distributed
 from .forward import LossModule, model_inputs, to_device
-from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths
+from .metrics import Metrics, peak_flops
+from .mfu import model_flops
 from .model import attention_note, family, family_problems, load_config, load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
@@ -324,11 +325,8 @@ def _stop(run: Run) -> str | None:
 def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float) -> dict:
     """One metrics.jsonl object (MFU of this rank: its own tokens against its own device's peak)."""
     recipe, model = run.recipe, run.model
-    text = getattr(model.config, "text_config", model.config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    local = sum(b["input_ids"].numel() for b in batches)
-    flops = model_flops(trainable, local, sum_sq_lengths(batches), text.num_hidden_layers, text.hidden_size)
+    flops = model_flops(model, batches)  # this rank's step, vlmft/mfu.py
     factor = schedule.lr_factor(run.step - 1, recipe.schedule, recipe.train.max_steps)
     cap = recipe.data.packing.max_packed_tokens
     return {
@@ -337,7 +335,7 @@ def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float)
         "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
         "samples_per_s": r.samples / dt, "fill": r.tokens / (recipe.train.global_batch(run.world) * cap),
         "data_wait_s": t_data, "step_time_s": dt, "peak_memory_gb": _peak_memory_gb(),
-        "mfu": flops / dt / peak if peak else None,
+        "model_flops": flops, "mfu": flops / dt / peak if peak else None,
         # the LR each group used in this step (the scheduler has already moved on)
         "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in run.optimizer.param_groups},
         "bad_samples": run.bad, "skipped_steps": run.skipped, "nonfinite_steps": run.nonfinite}
