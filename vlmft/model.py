@@ -83,9 +83,19 @@ def load_model(cfg: ModelConfig, precision: str = "fp32"):
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=attention_kernel(cfg, config),
         trust_remote_code=cfg.trust_remote_code)
+    _keep_used_conversions(model)
     disable_cache(model)
     enable_gradient_checkpointing(model, cfg.gradient_checkpointing, family(cfg, model.config))
     return model
+
+
+def _keep_used_conversions(model) -> None:
+    """The checkpoint key renamings save_pretrained reverts (an export keeps the checkpoint's key
+    names): transformers' plain load keeps those that matched a key, its ZeRO-3 load every one
+    it tried, and reverting those unused ones wrote other names (Qwen2.5-VL's legacy folder)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and all(callable(getattr(c, "was_used", None)) for c in conversions):
+        model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
 def attention_note(model, gradient_checkpointing: str, row_tokens: int | None) -> str | None:
