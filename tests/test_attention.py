@@ -92,7 +92,8 @@ def _varlen_probe(module, query, key, value, attention_mask, scaling=None, dropo
     causal = kw.get("is_causal", getattr(module, "is_causal", True))
     cu = kw.get("cu_seq_lens_q")
     bounds = cu.tolist() if cu is not None else [0, query.shape[2]]
-    if cu is not None:
+    if cu is not None:   # as a real varlen kernel, whose tokens are (batch x length) flattened
+        assert bounds[-1] == query.shape[0] * query.shape[2], (type(module).__name__, bounds, query.shape)
         assert isinstance(kw["max_length_q"], int) and kw["max_length_q"] == max(
             b - a for a, b in zip(bounds, bounds[1:]))
     parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=causal,
@@ -109,9 +110,10 @@ def varlen_probe(monkeypatch):
     return lambda model: model.set_attn_implementation(PROBE)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("llava",))
 def test_varlen_kernels_get_the_rows_cu_seqlens_in_the_language_tower(family, data, varlen_probe, monkeypatch):  # noqa: F811
-    # Qwen's vision blocks pass their own cu_seq_lens_q: handed ours too they would fail
+    # LLaVA's CLIP passes its keyword arguments down: handed the row's cu_seqlens it would split
+    # its own sequences by them (the probe checks they cover exactly the tokens it is given)
     assert packed_vs_alone(family, data, prepare=varlen_probe) <= TOL
     monkeypatch.setattr(attention, "VARLEN", attention.VARLEN - {PROBE})   # the control: not handed over
     assert packed_vs_alone(family, data, prepare=varlen_probe) > 1e-2

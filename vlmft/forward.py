@@ -87,8 +87,8 @@ def hidden_states(model: nn.Module, family: Family, inputs: dict, blank: dict | 
     """Last hidden states [1, L, D] of a packed micro-batch (``inputs`` from :func:`model_inputs`,
     on the model's device). With ``blank`` and no image in the row, the blank image's vision
     outputs are appended to ``blank_out`` (see :class:`LossModule`). The varlen kernels'
-    arguments go to the language tower alone (a vision tower computes its own; Qwen's would get
-    them twice)."""
+    arguments go to the language tower alone: they describe its row, and a vision tower that
+    passes its keyword arguments down (LLaVA's CLIP does) would split its own sequences by them."""
     base = model.model
     kw = dict(inputs["model"])
     varlen = {k: kw.pop(k) for k in VARLEN_KEYS if k in kw}
