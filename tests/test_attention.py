@@ -141,3 +141,13 @@ def test_eager_with_packing_is_refused(in_root):
         load(DEMO, ["model.attn_implementation=eager"])
     assert err.value.errors[0].startswith("model.attn_implementation: eager with packed rows")
     load(DEMO, ["model.attn_implementation=eager", "data.packing.enabled=false"])   # one sample a row: fine
+
+
+def test_training_warns_for_the_models_own_estimate():
+    from vlmft.model import attention_note
+
+    model = load_model(ModelConfig(name_or_path=str(ROOT / "demo" / "model")))   # 2 fp32 layers, sdpa
+    note = attention_note(model, "none", 16384)     # 16384^2 x (1 + 2 x 4) bytes = 2.25 GiB
+    assert note and "2.2 GiB" in note and "2 layer(s) x L^2 x 4 bytes" in note
+    assert attention_note(model, "language", 16384) is None     # recomputed: one layer held, 1.25 GiB
+    assert attention_note(model, "none", None) is None          # not packed: no mask
