@@ -5,6 +5,7 @@ the model's own forward gives it alone (with the stock processor's outputs for t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -100,12 +101,18 @@ def test_plan_equals_encoding_equals_stock_processor(family, data):
         assert enc.input_ids == stock["input_ids"][0].tolist(), family
 
 
-def packed_vs_alone(family: str, data: str, fam_override=None, mutate=None) -> float:
+def packed_vs_alone(family: str, data: str, fam_override=None, mutate=None, kernel=None, prepare=None) -> float:
     """Max |logit difference| between each sample inside one packed row (built and run as
     training does) and the sample alone through the model's own forward; ``fam_override``
-    replaces the family adapter, ``mutate`` edits the model inputs (the controls)."""
+    replaces the family adapter, ``mutate`` edits the model inputs (the controls). ``kernel``:
+    the packed row runs with this attention kernel (the samples alone with the default);
+    ``prepare(model)`` edits the packed row's model after loading."""
     recipe, processor, catalog = setup(family, data)
-    model = load_model(recipe.model).eval()
+    ref = load_model(recipe.model).eval()
+    model = load_model(dataclasses.replace(recipe.model, attn_implementation=kernel)).eval() if kernel else ref
+    if prepare:
+        model = load_model(recipe.model).eval() if model is ref else model
+        prepare(model)
     fam = fam_override or family_for(model.config.model_type)
     mat = Materializer(recipe, catalog, processor)
     # image, text, two images, text, image: every kind follows every kind (PaliGemma: images only)
@@ -121,7 +128,7 @@ def packed_vs_alone(family: str, data: str, fam_override=None, mutate=None) -> f
         start, worst = 0, 0.0
         for k in order:
             record = RECORDS[catalog.samples[k].record]
-            alone = model(**stock_inputs(family, processor, record, root), use_cache=False).logits[0]
+            alone = ref(**stock_inputs(family, processor, record, root), use_cache=False).logits[0]
             n = alone.shape[0]
             worst = max(worst, (packed[start:start + n] - alone).abs().max().item())
             start += n

@@ -27,6 +27,7 @@ def test_train_exports_a_folder_that_reproduces_the_trained_logits(in_root, tmp_
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(isinstance(r["loss"], float) for r in rows)
+    assert all(r["model_flops"] > 0 and r["mfu"] is None for r in rows)   # MFU needs a known GPU peak
     loaded = AutoModelForImageTextToText.from_pretrained(result.final).eval()
     trained = result.model.eval()
     assert (out / "final" / "model.safetensors").is_file()

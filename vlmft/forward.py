@@ -1,14 +1,18 @@
 """A packed micro-batch through the model: the loss module DeepSpeed wraps, and the inputs it
 takes.
 
-    micro-batch (stream.row)  --model_inputs (host: the family's position ids, its tensors)-->
-    to_device  -->  LossModule.forward: the family's attention mask (if any), the blank vision
-    input (if the rank has no image), model.model(...), the weighted CE sum S_mb (loss.py)
+    micro-batch (stream.row)  --model_inputs (host: the family's position ids, its tensors, the
+    varlen kernels' cu_seqlens, the supervised rows)-->  to_device  -->  LossModule.forward: the
+    family's attention mask (if any), the blank vision input (if the rank has no image),
+    model.model(...), the weighted CE sum S_mb (loss.py)
 
 The HF model's own ``labels=`` loss would shift targets across packed samples and average per
-micro-batch; the last hidden states go through the head in chunks instead (loss.py). Position
-ids are computed on the host before the copy: Qwen's mRoPE rows need a pass over each sample's
-token types, cheaper there than as device syncs.
+micro-batch; the last hidden states go through the head in chunks instead (loss.py). Index
+computations are made on the host before the copy, so the step reads nothing back from the
+device per micro-batch: Qwen's mRoPE rows (a pass over each sample's token types), the flash
+kernels' ``cu_seqlens`` (vlmft/attention.py) and the positions that go through the head.
+On CUDA the data loader's workers hand over pinned tensors (vlmft/data/loader.py), which
+:func:`to_device` copies without blocking.
 """
 
 from __future__ import annotations
@@ -17,22 +21,29 @@ import torch
 from torch import nn
 
 from . import loss as lossmod
+from .attention import VARLEN_KEYS
 from .models import Family
 from .models.base import sum_tensors
 
 
 def model_inputs(family: Family, model: nn.Module, batch: dict) -> dict:
     """What :class:`LossModule` needs of one micro-batch, on the host: the model's keyword
-    arguments (``model``), and the labels, sample ids and per-token rows the loss and the
-    family's masks read."""
-    return {"model": family.model_inputs(model, batch), "labels": batch["labels"],
-            "sample_ids": batch["sample_ids"], "tokens": batch.get("tokens")}
+    arguments (``model``), the labels, sample ids and per-token rows the loss and the
+    family's masks read, and ``rows``: the positions with a label (the only ones that go through
+    the head; a superset of those with a non-zero weight, so exact)."""
+    labels = batch["labels"]
+    rows = (labels.reshape(-1) != lossmod.IGNORE_INDEX).nonzero().squeeze(1)
+    return {"model": family.model_inputs(model, batch), "labels": labels,
+            "sample_ids": batch["sample_ids"], "tokens": batch.get("tokens"), "rows": rows}
 
 
-def to_device(obj, device, non_blocking: bool = False):
-    """Tensors of a nested dict moved to ``device`` (None and numbers left as they are)."""
+def to_device(obj, device, non_blocking: bool | None = None):
+    """Tensors of a nested dict moved to ``device`` (None and numbers left as they are).
+    ``non_blocking=None``: asynchronous exactly for pinned tensors (a pageable source would be
+    copied synchronously anyway, and a pinned one stays alive in torch's host allocator until
+    the copy is done)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
+        return obj.to(device, non_blocking=obj.is_pinned() if non_blocking is None else non_blocking)
     if isinstance(obj, dict):
         return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
     return obj
@@ -63,8 +74,10 @@ class LossModule(nn.Module):
         blank = []
         hidden = hidden_states(self.model, self.family, inputs, self.blank, blank)
         sums = torch.zeros(groups, dtype=torch.float64, device=hidden.device) if groups else None
+        rows = inputs.get("rows")
         s = lossmod.weighted_ce_sum(hidden, self.model.get_output_embeddings(), inputs["labels"].to(hidden.device),
                                     weights.to(hidden.device), self.chunk_size, n_chunks=n_chunks,
+                                    rows=None if rows is None else rows.to(hidden.device),
                                     groups=inputs.get("groups"), group_sums=sums)
         for feats in blank:
             total = sum_tensors(feats)
@@ -77,25 +90,31 @@ def hidden_states(model: nn.Module, family: Family, inputs: dict, blank: dict | 
                   blank_out: list | None = None) -> torch.Tensor:
     """Last hidden states [1, L, D] of a packed micro-batch (``inputs`` from :func:`model_inputs`,
     on the model's device). With ``blank`` and no image in the row, the blank image's vision
-    outputs are appended to ``blank_out`` (see :class:`LossModule`)."""
+    outputs are appended to ``blank_out`` (see :class:`LossModule`). The varlen kernels'
+    arguments go to the language tower alone: they describe its row, and a vision tower that
+    passes its keyword arguments down (LLaVA's CLIP does) would split its own sequences by them."""
     base = model.model
     kw = dict(inputs["model"])
+    varlen = {k: kw.pop(k) for k in VARLEN_KEYS if k in kw}
     dtype = next(model.parameters()).dtype
     if kw.get("pixel_values") is not None:
         kw["pixel_values"] = kw["pixel_values"].to(dtype)
     device = kw["input_ids"].device
     stub = torch.empty((*kw["input_ids"].shape, 0), dtype=dtype, device=device)
     mask = family.attention_mask(model, inputs, stub)
-    hook = None
+    hooks = []
+    if varlen:
+        hooks.append(getattr(base, family.language).register_forward_pre_hook(
+            lambda _m, args, kwargs: (args, {**kwargs, **varlen}), with_kwargs=True))
     if kw.get("pixel_values") is None and blank is not None:
         vision = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in blank.items()}
         # Run the blank image exactly where images would run (before the language model), so
         # ZeRO-3 gathers parameters in the same order on every rank and every micro-batch.
-        hook = getattr(base, family.language).register_forward_pre_hook(
+        hooks.append(getattr(base, family.language).register_forward_pre_hook(
             lambda *_: blank_out.append(family.image_features(base, vision)),
-            prepend=True)  # before ZeRO-3's own pre-hook records the language model
+            prepend=True))  # before ZeRO-3's own pre-hook records the language model
     try:
         return base(**kw, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()

@@ -44,8 +44,10 @@ every rank takes the same decision.
 
 ZeRO-3 note: :func:`weighted_ce_sum` calls ``lm_head`` once per chunk (again in backward, for
 the recomputation). ZeRO-3 gathers the head's weight at every call with a collective, so all
-ranks must make the same number of calls: pass ``n_chunks`` agreed over ranks (e.g. the
-all-reduced max of :func:`chunks_needed`); chunks beyond the tokens are empty calls.
+ranks must make the same number of calls, and DeepSpeed's trace of module calls must be the
+same in every micro-batch (else it is invalidated: no prefetch, and the head re-gathered for
+every chunk): vlmft/train.py passes one ``n_chunks`` for the whole run, :func:`chunks_needed`
+of a full row (micro_batch_size x max_packed_tokens); chunks beyond the tokens are empty calls.
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def _chunk_ce(lm_head: nn.Module, h: Tensor, labels: Tensor, w: Tensor) -> Tenso
 
 
 def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights: Tensor,
-                    chunk_size: int, n_chunks: int | None = None, groups: Tensor | None = None,
-                    group_sums: Tensor | None = None) -> Tensor:
+                    chunk_size: int, n_chunks: int | None = None, rows: Tensor | None = None,
+                    groups: Tensor | None = None, group_sums: Tensor | None = None) -> Tensor:
     """sum_t weights_t * CE(fp32(lm_head(hidden_t)), labels_t), a 0-d float32 tensor.
 
     ``hidden`` [..., D], ``labels`` and ``weights`` [...] (flattened here). Only positions with a
@@ -136,7 +138,9 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
     checkpointed, so neither the forward nor the graph ever holds more than one chunk of fp32
     logits (backward recomputes the chunk's logits). Without any such position the head is still
     called once on zero rows, so the graph reaches it (zero gradient) on every rank.
-    ``n_chunks`` forces that many head calls (ZeRO-3, see the module docstring).
+    ``n_chunks`` forces that many head calls (ZeRO-3, see the module docstring). ``rows``: the
+    flattened positions to run through the head, found on the host beforehand (any superset of
+    the positions with a weight and a label is exact); None finds them here (a device sync).
     ``groups`` (a group index per position, e.g. its dataset) with ``group_sums`` (a 1-D tensor,
     float64 for exact sums): each group's sum of c_t l_t is added into ``group_sums[g]``
     (detached; positions outside 0..len-1 are left out).
@@ -149,7 +153,7 @@ def weighted_ce_sum(hidden: Tensor, lm_head: nn.Module, labels: Tensor, weights:
     if not (h.shape[0] == labels.shape[0] == weights.shape[0]):
         raise ValueError(f"hidden has {h.shape[0]} positions, labels {labels.shape[0]}, "
                          f"weights {weights.shape[0]}")
-    idx = ((weights != 0) & (labels != IGNORE_INDEX)).nonzero().squeeze(1)
+    idx = ((weights != 0) & (labels != IGNORE_INDEX)).nonzero().squeeze(1) if rows is None else rows
     h, labels, weights = h.index_select(0, idx), labels.index_select(0, idx), weights.index_select(0, idx)
     if group_sums is not None:   # no boolean indexing below: no device sync per chunk
         g = groups.reshape(-1).to(idx.device).index_select(0, idx)

@@ -127,28 +127,11 @@ def _numbers(row: dict, prefix: str = "") -> dict:
     return out
 
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name; MFU is reported only on these.
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name; MFU is reported only on these,
+# over the model FLOPs of vlmft/mfu.py.
 PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12,
               "L40S": 362.05e12, "B200": 2250e12}
 
 
 def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
-
-
-def model_flops(trainable_params: int, tokens: int, sq_lengths: int, layers: int, hidden: int) -> float:
-    """FLOPs of one step (forward + backward): 6 per parameter per token for the matmuls, plus
-    attention's 12 x layers x hidden per (query, key) pair, and a packed row has only
-    sum(len_i^2) pairs, not (sum len_i)^2 (the PaLM appendix B count, per sample)."""
-    return 6.0 * trainable_params * tokens + 12.0 * layers * hidden * sq_lengths
-
-
-def sum_sq_lengths(batches: list[dict]) -> int:
-    """sum over samples of length^2, from the sample ids of each packed row."""
-    import torch
-
-    total = 0
-    for b in batches:
-        _, counts = torch.unique_consecutive(b["sample_ids"][0], return_counts=True)
-        total += int((counts.long() ** 2).sum())
-    return total

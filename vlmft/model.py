@@ -12,8 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.utils import logging as transformers_logging
 
+from . import attention
 from .models import Family, family_for
-from .recipe import ModelConfig
+from .recipe import ModelConfig, RecipeError
 
 transformers_logging.disable_progress_bar()  # "Loading weights" bars would fill our logs
 
@@ -47,19 +48,65 @@ def load_processor(cfg: ModelConfig, config=None):
     return family(cfg, config).load_processor(cfg.name_or_path, config.model_type, cfg.trust_remote_code)
 
 
+def model_class(config) -> type | None:
+    """The image-text-to-text class transformers builds for ``config`` (None: remote code)."""
+    try:
+        return AutoModelForImageTextToText._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def attention_kernel(cfg: ModelConfig, config=None) -> str:
+    """``model.attn_implementation`` resolved for this model and machine (vlmft/attention.py);
+    RecipeError (one line) for a kernel that cannot run here."""
+    config = config or load_config(cfg)
+    try:
+        return attention.resolve(cfg.attn_implementation, model_class(config), attention.cuda_capability())
+    except attention.KernelError as exc:
+        raise RecipeError([str(exc)]) from None
+
+
 def load_model(cfg: ModelConfig, precision: str = "fp32"):
-    """Weights from the folder or hub, in the training dtype, with training-safe settings.
+    """Weights from the folder or hub, in the dtype given, with training-safe settings and the
+    resolved attention kernel.
+
+    Training loads in its own dtype (vlmft/train.py): DeepSpeed casts the parameters to bf16/fp16
+    before it makes its fp32 master partitions from them at every ZeRO stage, so an fp32 load
+    only doubled host memory. Under ZeRO-3 the caller wraps this in ``engine.zero3_init`` and
+    every parameter is partitioned as it is built (no rank holds the whole model).
 
     ``use_cache`` is switched off on the model and its text config: with a cache, transformers
     does not detect packed sequences from restarting position ids and samples in a row attend
     to each other (a 0.5 logit difference measured on the demo model).
     """
+    config = load_config(cfg)
     model = AutoModelForImageTextToText.from_pretrained(
-        cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=cfg.attn_implementation,
+        cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=attention_kernel(cfg, config),
         trust_remote_code=cfg.trust_remote_code)
+    _keep_used_conversions(model)
     disable_cache(model)
     enable_gradient_checkpointing(model, cfg.gradient_checkpointing, family(cfg, model.config))
     return model
+
+
+def _keep_used_conversions(model) -> None:
+    """The checkpoint key renamings save_pretrained reverts (an export keeps the checkpoint's key
+    names): transformers' plain load keeps those that matched a key, its ZeRO-3 load every one
+    it tried, and reverting those unused ones wrote other names (Qwen2.5-VL's legacy folder)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and all(callable(getattr(c, "was_used", None)) for c in conversions):
+        model._weight_conversions = [c for c in conversions if c.was_used()]
+
+
+def attention_note(model, gradient_checkpointing: str, row_tokens: int | None) -> str | None:
+    """The warning for sdpa's dense mask on packed rows of ``row_tokens`` (None: not packed)
+    when it is large (vlmft/attention.py); None otherwise."""
+    if not row_tokens:
+        return None
+    text = model.config.get_text_config()
+    return attention.dense_mask_note(text._attn_implementation, row_tokens, text.num_hidden_layers,
+                                     next(model.parameters()).element_size(),
+                                     recomputed=gradient_checkpointing in ("language", "both"))
 
 
 def enable_gradient_checkpointing(model, which: str, fam: Family) -> list[str]:

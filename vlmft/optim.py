@@ -108,6 +108,11 @@ def place(name: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _shape(p) -> torch.Size:
+    """The parameter's full shape, also when ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
 def _no_decay_reason(name, p, owner, aliases, user_globs, model_nwd) -> str | None:
     parts = name.split(".")
     leaf, comps = parts[-1], parts[:-1]
@@ -125,7 +130,7 @@ def _no_decay_reason(name, p, owner, aliases, user_globs, model_nwd) -> str | No
         return "layer scale"
     if isinstance(owner, nn.Embedding) or "embed" in name:
         return "embedding"
-    if p.ndim <= 1:
+    if len(_shape(p)) <= 1:
         return "1-D"
     for pat in user_globs:
         if any(fnmatch.fnmatchcase(a, pat) for a in aliases):
@@ -282,7 +287,7 @@ def _rows(model, optim: OptimConfig, towers: _Towers, named, aliases, frozen_by,
                 used_mult[pat] = True
                 scale *= mult
                 reasons.append(f"lr x{mult:g} ({pat})")
-        rows.append(ParamRow(n, type(owner).__name__, tuple(p.shape), p.numel(), tower, lid, float(scale),
+        rows.append(ParamRow(n, type(owner).__name__, _shape(p), _shape(p).numel(), tower, lid, float(scale),
                              0.0 if nd else float(optim.weight_decay), why is not None, None, "; ".join(reasons)))
     names = [a for al in aliases.values() for a in al]
     errors += [f"optim.lr_multipliers.{pat}: pattern matches no parameter; " + _suggest(pat, names)

@@ -26,7 +26,7 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import OmegaConf
 
@@ -44,8 +44,12 @@ def choice(default, *choices):
 class ModelConfig:
     name_or_path: str = "demo/model"
     """HF hub id or local folder of an image-text-to-text model (loaded with from_pretrained)."""
-    attn_implementation: str = choice("sdpa", "sdpa", "eager", "flash_attention_2")
-    """Attention kernel; packed samples stay isolated in each (position ids restart per sample)."""
+    attn_implementation: str = choice("auto", "auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                      "flash_attention_3")
+    """Attention kernel; packed samples stay isolated in each. auto: on a CUDA GPU the first of
+    flash_attention_3 (Hopper), flash_attention_2, flex_attention that is installed and that the
+    model supports, else sdpa; sdpa without a GPU. sdpa builds a dense L x L mask for packed rows
+    (a warning says when it is large); eager is refused with packing (vlmft/attention.py)."""
     trust_remote_code: bool = False
     """Allow the model folder's own Python code to run. Off unless you trust the folder."""
     gradient_checkpointing: str = choice("none", "none", "vision", "language", "both")
@@ -130,8 +134,10 @@ class DataConfig:
     """skip: count it by reason and report file:line; error: stop at the first one."""
     max_bad_fraction: float = 0.01
     """Stop training once more than this fraction of the samples read were bad."""
-    num_workers: int = 0
-    """DataLoader worker processes that build tensors (0 = in the training process)."""
+    num_workers: Union[int, str] = "auto"
+    """DataLoader worker processes per rank that build tensors (0 = in the training process).
+    auto: with a CUDA GPU, the CPUs available to the machine's ranks shared among them, minus one
+    for the rank itself, at most 8; without one 0 (the step itself computes on those CPUs)."""
     prefetch_steps: int = 2
     """With num_workers > 0: optimizer steps of micro-batches the workers build ahead (per rank)."""
     mixture: str = choice("size", "size", "temperature")

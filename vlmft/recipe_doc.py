@@ -40,6 +40,8 @@ def _type_name(tp) -> str:
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"mapping {_type_name(k)} -> {_type_name(v)}"
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 

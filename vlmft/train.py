@@ -34,8 +34,9 @@ from .data.loader import StepLoader, bad_fraction_error
 from .distributed import all_reduce_sum
 from .distributed import init as init_distributed
 from .forward import LossModule, model_inputs, to_device
-from .metrics import Metrics, model_flops, peak_flops, sum_sq_lengths, wandb_settings
-from .model import family, family_problems, load_config, load_model, load_processor
+from .metrics import Metrics, peak_flops, wandb_settings
+from .mfu import model_flops
+from .model import attention_note, family, family_problems, load_config, load_model, load_processor
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
 
@@ -116,8 +117,9 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     if lossmod.step_is_empty(W):  # nothing supervised anywhere: skip, never NaN
         eng.lr_scheduler.step()
         return StepResult(float("nan"), tokens, supervised, samples, bad, skipped=True, stop=stops > 0)
-    zero3 = recipe.engine.zero_stage == 3
-    n_chunks = _agreed_chunks(batches, recipe, dev) if zero3 else None
+    # ZeRO-3: the same head calls in every micro-batch on every rank, so DeepSpeed's trace holds
+    n_chunks = lossmod.chunks_needed(recipe.train.micro_batch_size * recipe.data.packing.max_packed_tokens,
+                                     recipe.loss.chunk_size) if recipe.engine.zero_stage == 3 else None
     s_sum = torch.zeros((), device=dev)
     parts = torch.zeros(n_datasets, dtype=torch.float64, device=dev)
     pending, applied = None, True
@@ -126,7 +128,7 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
         inputs = to_device(model_inputs(module.family, module.model, b), dev)
         if n_datasets:
             inputs["groups"] = per_dataset.token_datasets(b).to(dev)
-        s = eng(inputs, weights[i].to(dev), n_chunks=None if n_chunks is None else n_chunks[i], groups=n_datasets)
+        s = eng(inputs, weights[i].to(dev), n_chunks=n_chunks, groups=n_datasets)
         if n_datasets:
             s, part = s
             parts += part
@@ -157,18 +159,6 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
 
 def _grads_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-
-
-def _agreed_chunks(batches: list[dict], recipe: Recipe, device=None) -> list[int]:
-    """Under ZeRO-3 every rank must call the head the same number of times per micro-batch.
-    The counts live on the engine's device: nccl all-reduces no CPU tensor."""
-    import torch.distributed as dist
-
-    need = torch.tensor([lossmod.chunks_needed(int((b["labels"] != lossmod.IGNORE_INDEX).sum()),
-                                               recipe.loss.chunk_size) for b in batches], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(need, op=dist.ReduceOp.MAX)
-    return need.tolist()
 
 
 class _Preemption:
@@ -269,7 +259,12 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
     if rank == 0 and steps_note:
         print(steps_note, file=sys.stderr)
-    model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
+    with ds.zero3_init(ds.ds_config(recipe, world)):  # ZeRO-3: partitioned as it is built
+        model = load_model(recipe.model, recipe.engine.precision)  # in the training dtype (model.py)
+    note = attention_note(model, recipe.model.gradient_checkpointing, recipe.data.packing.enabled
+                          and recipe.train.micro_batch_size * recipe.data.packing.max_packed_tokens)
+    if rank == 0 and note:
+        print(note, file=sys.stderr)
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)
@@ -361,11 +356,8 @@ def _stop(run: Run) -> str | None:
 def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float) -> dict:
     """One metrics.jsonl object (MFU of this rank: its own tokens against its own device's peak)."""
     recipe, model = run.recipe, run.model
-    text = getattr(model.config, "text_config", model.config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    local = sum(b["input_ids"].numel() for b in batches)
-    flops = model_flops(trainable, local, sum_sq_lengths(batches), text.num_hidden_layers, text.hidden_size)
+    flops = model_flops(model, batches)  # this rank's step, vlmft/mfu.py
     factor = schedule.lr_factor(run.step - 1, recipe.schedule, recipe.train.max_steps)
     cap = recipe.data.packing.max_packed_tokens
     return {
@@ -374,7 +366,7 @@ def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float)
         "samples": r.samples, "tokens_per_s": r.tokens / dt, "supervised_tokens_per_s": r.supervised / dt,
         "samples_per_s": r.samples / dt, "fill": r.tokens / (recipe.train.global_batch(run.world) * cap),
         "data_wait_s": t_data, "step_time_s": dt, "peak_memory_gb": _peak_memory_gb(),
-        "mfu": flops / dt / peak if peak else None,
+        "model_flops": flops, "mfu": flops / dt / peak if peak else None,
         # the LR each group used in this step (the scheduler has already moved on)
         "lr_groups": {g["name"]: recipe.optim.lr * g["lr_scale"] * factor for g in run.optimizer.param_groups},
         "bad_samples": run.bad, "skipped_steps": run.skipped, "nonfinite_steps": run.nonfinite,

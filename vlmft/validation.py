@@ -72,6 +72,14 @@ def override_problem(override: str, raw: dict, exc: Exception) -> str:
 def _check_value(value, tp, key: str, errors: list[str]):
     """Check ``value`` against the annotation ``tp``; recurse into dataclasses, lists and dicts."""
     origin = typing.get_origin(tp)
+    if origin is typing.Union:  # e.g. int or str ("auto"): the value must fit one of them
+        trials = [[] for _ in typing.get_args(tp)]
+        for t, errs in zip(typing.get_args(tp), trials):
+            _check_value(value, t, key, errs)
+        if all(trials):
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(tp))
+            errors.append(f"{key}: expected {names}, got {value!r}")
+        return
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -264,7 +272,14 @@ def semantic_checks(r) -> list[str]:
     _eval_checks(r, e)
     if not 0.0 <= r.data.max_bad_fraction <= 1.0:
         e.append("data.max_bad_fraction: must be in [0, 1]")
-    positive("data.num_workers", r.data.num_workers, allow_zero=True)
+    if isinstance(r.data.num_workers, str) and r.data.num_workers != "auto":
+        e.append(f"data.num_workers: expected a number of workers or auto, got {r.data.num_workers!r}")
+    elif isinstance(r.data.num_workers, int):
+        positive("data.num_workers", r.data.num_workers, allow_zero=True)
+    if r.model.attn_implementation == "eager" and r.data.packing.enabled:
+        e.append("model.attn_implementation: eager with packed rows builds a (heads, L, L) attention matrix "
+                 "per layer and a dense L x L mask; use auto, sdpa or flex_attention (vlmft/attention.py), or "
+                 "data.packing.enabled=false")
     positive("data.prefetch_steps", r.data.prefetch_steps)
     positive("data.temperature", r.data.temperature)
     positive("data.temperature_end", r.data.temperature_end)

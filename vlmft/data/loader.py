@@ -14,6 +14,12 @@ sample_ids, labels, loss_weight, pixel_values, num_samples, num_bad). Every rank
 ``grad_accum_steps`` micro-batches per step whatever goes bad (an all-bad micro-batch is one
 pad token of weight 0), so ranks never disagree on the number of forward/backward calls.
 
+``data.num_workers: auto`` (the default) is :func:`workers_per_rank`: with a CUDA GPU the CPUs
+this process may run on, shared among the machine's ranks, less one for the rank itself, at
+most 8; without a GPU 0 (the training step itself computes on those CPUs). On CUDA the
+workers' tensors come back in pinned memory (the DataLoader's pin thread), which
+vlmft/forward.py's ``to_device`` copies without blocking.
+
 With ``data.num_workers = 0`` the micro-batches are built in this process when the step is
 asked for (``data_wait_s`` = the build time). With workers, each micro-batch is one task of a
 torch DataLoader with ``in_order=False`` and one task per worker at a time: a task goes to
@@ -31,6 +37,7 @@ import threading
 import time
 
 from ..recipe import Recipe
+from ..runtime import cpus_available, local_world_size
 from .catalog import Catalog
 from .stream import Materializer, PackPlan
 
@@ -53,6 +60,24 @@ def bad_fraction_error(bad: int, seen: int, max_fraction: float, *,
     if examples:
         msg += "; e.g. " + "; ".join(f"{r}: {ex[0]}" for r, ex in examples.items() if ex)
     return msg + ". Fix or remove those samples, or raise data.max_bad_fraction."
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def workers_per_rank(setting: int | str, cuda: bool | None = None, cpus: int | None = None,
+                     ranks: int | None = None) -> int:
+    """DataLoader workers of each rank for ``data.num_workers`` (a number, or ``auto``)."""
+    if setting != "auto":
+        return int(setting)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return 0
+    share = (cpus or cpus_available()) // (ranks or local_world_size())
+    return max(0, min(MAX_AUTO_WORKERS, share - 1))
 
 
 class _Tasks:
@@ -93,6 +118,7 @@ class StepLoader:
         self.plan.global_batch(world)
         self.step = int(start_step)
         self.gas = recipe.train.grad_accum_steps
+        self.workers = workers_per_rank(recipe.data.num_workers)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "plan": self.plan.state_dict(self.step)}
@@ -107,7 +133,7 @@ class StepLoader:
         return self.plan.rank_step(step, self.rank, self.world)
 
     def __iter__(self):
-        if self.recipe.data.num_workers > 0:
+        if self.workers > 0:
             yield from self._workers()
             return
         mat = Materializer(self.recipe, self.catalog, self.processor)
@@ -127,7 +153,7 @@ class StepLoader:
         if first >= last:
             return
         total = (last - first) * self.gas            # task t = micro-batch t % gas of step first + t // gas
-        ahead = max(self.recipe.data.prefetch_steps * self.gas, self.recipe.data.num_workers + 1)
+        ahead = max(self.recipe.data.prefetch_steps * self.gas, self.workers + 1)
         cond = threading.Condition()
         st = {"issued": 0, "received": 0, "consumed": 0, "error": None, "stop": False, "done": False}
         buf: dict[int, tuple] = {}
@@ -146,8 +172,8 @@ class StepLoader:
                 yield t, cache[1][m]
 
         gen = tasks()
-        kw = dict(batch_size=None, sampler=gen, num_workers=self.recipe.data.num_workers,
-                  prefetch_factor=1, collate_fn=_identity)
+        kw = dict(batch_size=None, sampler=gen, num_workers=self.workers,
+                  prefetch_factor=1, collate_fn=_identity, pin_memory=_cuda())
         try:
             dl = DataLoader(_Tasks(self.recipe, self.catalog, self.processor), in_order=False, **kw)
         except TypeError:   # torch < 2.6: results in task order (slower after a slow task, same data)
@@ -206,3 +232,9 @@ class StepLoader:
             with cond:
                 st["stop"] = True
                 cond.notify_all()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import takes_varlen, varlen_kwargs
 
 
 class UnsupportedModel(ValueError):
@@ -266,11 +267,15 @@ class Family:
         return None
 
     def model_inputs(self, model, batch: dict) -> dict:
-        """Keyword arguments of ``model.model(...)`` for a packed micro-batch (host side)."""
+        """Keyword arguments of ``model.model(...)`` for a packed micro-batch (host side). With a
+        flash (varlen) kernel they include the row's ``cu_seq_lens_q/k`` and ``max_length_q/k``
+        (vlmft/attention.py), which vlmft/forward.py hands to the language tower only."""
         kw = {"input_ids": batch["input_ids"], "position_ids": self.position_ids(model, batch)}
         kw.update(batch.get("vision") or {})
         if self.token_key and batch.get("tokens") is not None:
             kw[self.token_key] = batch["tokens"]
+        if takes_varlen(model):
+            kw.update(varlen_kwargs(batch["sample_ids"]))
         return kw
 
     def blank(self, processor) -> dict:
