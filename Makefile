@@ -21,7 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,wandb,plot]'
 	@touch $@
 
+# The held-out set before training (the base model), then training, which evaluates it again
+# after its last step.
 demo: install
+	$(BIN)/vlmft eval recipes/demo.yaml output_dir=runs/demo-base
 	$(BIN)/vlmft train recipes/demo.yaml --overwrite
 
 test: install

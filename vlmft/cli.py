@@ -264,6 +264,30 @@ def plot(
     err.print(f"wrote {path}", soft_wrap=True, highlight=False)
 
 
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="A model folder: runs/NAME/final, or any supported checkpoint.", show_default=False),
+    question: str = typer.Argument(..., help="The question.", show_default=False),
+    image: Optional[list[str]] = typer.Option(None, "--image", help="An image file (repeat for several)."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens of the answer."),
+):
+    """Answer one question about images with a trained model, greedily, through the same chat
+    template and processor as training, stopping at the end of the assistant's turn."""
+    from pathlib import Path
+
+    from . import runtime
+
+    missing = [p for p in image or [] if not Path(p).is_file()]
+    if missing:
+        _fail([f"--image: '{missing[0]}' not found"])
+    with _user_errors(model):
+        for note in runtime.setup(model, threads=True):
+            _note(note)
+        from .generate import ask
+
+        print(ask(model, question, image or [], max_new_tokens))
+
+
 @app.command("recipe")
 def recipe_schema(
     section: Optional[str] = typer.Argument(None, help="A section or key, e.g. optim or data.packing.", show_default=False),

@@ -60,3 +60,21 @@ def answer(model, processor, messages: list[dict], images=(), max_new_tokens: in
     finally:
         model.train(was_training)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def ask(model_dir: str, question: str, images: list[str] = (), max_new_tokens: int = 64) -> str:
+    """Load a model folder (an exported ``final/`` or any supported checkpoint) with its processor
+    and answer one question about ``images`` (put before the question, as training's data does
+    when a record has no placeholder)."""
+    from transformers import AutoModelForImageTextToText
+
+    from .model import load_processor
+    from .recipe import ModelConfig
+
+    cfg = ModelConfig(name_or_path=model_dir)
+    processor = load_processor(cfg)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    if torch.cuda.is_available():
+        model.cuda()
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    return answer(model, processor, [{"role": "user", "content": content}], images, max_new_tokens)
