@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q $(TORCH_CPU); \
 	fi
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,peft]'
 	@touch $@
 
 demo: install

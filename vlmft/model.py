@@ -47,16 +47,20 @@ def load_processor(cfg: ModelConfig, config=None):
     return family(cfg, config).load_processor(cfg.name_or_path, config.model_type, cfg.trust_remote_code)
 
 
-def load_model(cfg: ModelConfig, precision: str = "fp32"):
+def load_model(cfg: ModelConfig, precision: str = "fp32", quantization=None):
     """Weights from the folder or hub, in the training dtype, with training-safe settings.
 
     ``use_cache`` is switched off on the model and its text config: with a cache, transformers
     does not detect packed sequences from restarting position ids and samples in a row attend
-    to each other (a 0.5 logit difference measured on the demo model).
+    to each other (a 0.5 logit difference measured on the demo model). ``quantization``: a
+    transformers quantization config (QLoRA, vlmft/lora.py), loaded onto this rank's GPU.
     """
+    extra = {}
+    if quantization is not None:
+        extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code)
+        trust_remote_code=cfg.trust_remote_code, **extra)
     disable_cache(model)
     enable_gradient_checkpointing(model, cfg.gradient_checkpointing, family(cfg, model.config))
     return model

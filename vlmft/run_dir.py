@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 # what a run writes into output_dir (train.py, metrics.py, engine.py)
-ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "recipe.yaml", "tb")
+ARTIFACTS = ("checkpoints", "final", "adapter", "metrics.jsonl", "recipe.yaml", "tb")
 
 
 def _contents(folder: Path) -> str:

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import engine as ds
+from . import lora
 from . import loss as lossmod
 from . import optim, schedule
 from .data import drops, epochs
@@ -247,7 +248,9 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
     if rank == 0 and steps_note:
         print(steps_note, file=sys.stderr)
-    model = load_model(recipe.model, "fp32")  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
+    targets = lora.resolve_before_load(recipe.model, recipe.lora)  # a bad lora glob: before the weights
+    model = load_model(recipe.model, "fp32", lora.quantization(recipe.lora, recipe.engine.precision, targets))
+    model = lora.apply(model, recipe.lora, targets)  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)
@@ -352,7 +355,8 @@ def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float)
 def finish(run: Run) -> TrainResult:
     final = run.out / "final"
     if not run.preempted:
-        ckpt.export(run.eng, run.model, run.processor, str(final))
+        ckpt.export(run.eng, run.model, run.processor, str(final),
+                    adapter=str(run.out / "adapter") if run.recipe.lora.enabled else None)
         if len(run.losses) >= 20:
             head, tail = _mean(run.losses[:10]), _mean(run.losses[-10:])
             run.metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")
