@@ -10,7 +10,8 @@ and resume exactly.
   equals the plain-torch gradient of L on the same wrapped model (task lora_grad); no frozen
   weight moves.
 - A run killed with SIGKILL after step 7 and continued with ``--resume auto`` logs the
-  uninterrupted run's losses (<= 1e-6) and ends with its adapters; on ZeRO 2 and 3. Its
+  uninterrupted run's losses (<= 1e-6) and ends with its adapters, on ZeRO 2 and 3 (ZeRO-2 also
+  continued on 1 rank x 4 from the 2-rank checkpoint, <= 1e-5). Its
   checkpoints hold the trained parameters and their optimizer state only: at least 20x smaller
   than a full-parameter checkpoint of the same run. The recipe there puts adapters on q_proj and
   v_proj (r = 8): the demo's layers are 64 wide, so an adapter of rank r has r(in+out) = r/4 of
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -154,3 +156,12 @@ def test_lora_sigkill_then_resume_auto_is_exact_and_the_checkpoint_small(tmp_pat
     a, b = _adapter(out), _adapter(ref)
     assert a.keys() == b.keys() and len(a) == 8  # q_proj, v_proj of 2 layers x (A, B)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    if stage == 2:  # and onto 1 rank x 4: the adapters' shards through DeepSpeed's universal format
+        one = tmp_path / "one-rank"
+        shutil.copytree(ref / "checkpoints" / "step6", one / "checkpoints" / "step6")
+        r = run([str(BIN / "vlmft"), "train", str(DEMO), f"output_dir={one}", *ARGS, *extra,
+                 "train.grad_accum_steps=4", "--resume", str(one / "checkpoints" / "step6")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = _losses(one)
+        assert sorted(got) == list(range(7, 13))
+        assert max(abs(got[s] - want[s]) for s in got) <= 1e-5  # the bar of tests/test_checkpoint.py
