@@ -393,3 +393,24 @@ def test_qlora_quantizes_the_language_model_only(monkeypatch):
                                                       f"{LANG}.1.mlp.up_proj"])
     r.lora.quantize = "none"
     assert lora.quantization(r.lora, "bf16", targets) is None
+
+
+def test_merged_state_over_an_unquantized_base_equals_the_plain_merge():
+    """QLoRA's merge takes the frozen weights from the base model loaded again (its own are
+    4-bit): with the same base weights it is the plain merge, the trained copies included."""
+    from vlmft.export import merged_state
+
+    _, model = wrapped("lora.modules_to_save=[projector]", real=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    state = model.state_dict()
+    plain = merged_state(model, state)
+    base = load_model(recipe().model).state_dict()
+    over = merged_state(model, state, base)
+    assert plain.keys() == over.keys() == base.keys()
+    assert all(torch.equal(plain[k], over[k]) for k in plain)
+    assert not torch.equal(over["model.multi_modal_projector.linear_1.weight"],
+                           base["model.multi_modal_projector.linear_1.weight"])

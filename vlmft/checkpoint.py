@@ -162,7 +162,7 @@ def export(engine, model, processor, path: str, adapter: str | None = None) -> N
     parameters are gathered first; every rank takes part, rank 0 writes). See
     vlmft/export.py for what makes the folder ready for inference. A LoRA model is saved
     merged at ``path`` and as peft's adapter folder at ``adapter`` (when given)."""
-    from .export import merged_state, save_adapter, save_for_inference
+    from .export import merged_state, quantized, save_adapter, save_for_inference, unquantized_base
 
     state = None
     if engine.zero_optimization_stage() == 3:
@@ -171,12 +171,15 @@ def export(engine, model, processor, path: str, adapter: str | None = None) -> N
             prefix = _prefix(engine.module, model)
             state = {k.removeprefix(prefix): v for k, v in full.items()}
     if rank() == 0:
+        target = model
         if is_wrapped(model):
             state = state if state is not None else model.state_dict()
             if adapter:
                 save_adapter(model, processor, adapter, state)
-            state = merged_state(model, state)
-        save_for_inference(model, processor, path, state)
+            base = unquantized_base(model) if quantized(model) else None
+            state = merged_state(model, state, base.state_dict() if base is not None else None)
+            target = base if base is not None else model
+        save_for_inference(target, processor, path, state)
     barrier()
 
 

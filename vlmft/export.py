@@ -13,7 +13,8 @@ A LoRA run (vlmft/lora.py) exports two folders from one full state dict of the w
 
 - the **merged** model (:func:`merged_state`): every adapted layer's weight becomes
   ``W + scaling x B A`` (computed in fp32, stored in W's dtype), each module to save its trained
-  copy, under the stock names, so the folder loads with transformers like a full fine-tune's;
+  copy, under the stock names, so the folder loads with transformers like a full fine-tune's
+  (QLoRA: W from the base model loaded again unquantized, :func:`unquantized_base`);
 - the **adapter** (:func:`save_adapter`): peft's own format (``adapter_config.json`` +
   ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``) that
   ``PeftModel.from_pretrained(base_model, folder)`` loads onto the base model.
@@ -91,9 +92,11 @@ def _stock_name(name: str) -> str:
     return ".".join(out)
 
 
-def merged_state(model, state: dict) -> dict:
+def merged_state(model, state: dict, base: dict | None = None) -> dict:
     """The stock state dict of the LoRA-wrapped ``model`` with its adapters merged, from
-    ``state`` (the wrapped model's full state dict; ``model`` gives each layer's scaling)."""
+    ``state`` (the wrapped model's full state dict; ``model`` gives each layer's scaling).
+    ``base``: the unquantized base model's stock state dict, for the frozen weights of a QLoRA
+    model (its own are 4-bit)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -101,6 +104,8 @@ def merged_state(model, state: dict) -> dict:
 
     out = {_stock_name(k): v for k, v in state.items()
            if kind(k) != "adapter" and ".original_module." not in f".{k}"}
+    if base is not None:
+        out = {**base, **{_stock_name(k): v for k, v in state.items() if kind(k) == "saved"}}
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
@@ -110,6 +115,20 @@ def merged_state(model, state: dict) -> dict:
             w = out[f"{name}.weight"]
             out[f"{name}.weight"] = (w.to(torch.float32) + (b @ a) * mod.scaling[adapter]).to(w.dtype)
     return out
+
+
+def quantized(model) -> bool:
+    """Whether ``model``'s weights were loaded quantized (QLoRA)."""
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def unquantized_base(model):
+    """QLoRA's base model loaded again unquantized on the CPU, in the compute dtype: the merged
+    folder holds ``W + scaling x B A`` in that dtype, not a 4-bit W."""
+    from transformers import AutoModelForImageTextToText
+
+    dtype = model.config.quantization_config.bnb_4bit_compute_dtype
+    return AutoModelForImageTextToText.from_pretrained(model.name_or_path, dtype=dtype)
 
 
 def save_adapter(model, processor, path: str, state: dict) -> None:

@@ -26,6 +26,10 @@ trained copy would untie them).
 names: in place, so the HF model object stays the one that vlmft/forward.py runs and
 vlmft/checkpoint.py exports; its parameters then carry peft's names (vlmft/peft_names.py), and
 vlmft/optim.py freezes everything but the adapters and the saved copies.
+
+**QLoRA** (:func:`quantization`): the config transformers loads the frozen language model with
+in 4-bit NF4 (bitsandbytes); only with CUDA and bitsandbytes present, else one line. No test
+here runs the 4-bit kernels (there is no GPU); the rest of the path is the one above.
 """
 
 from __future__ import annotations

@@ -249,8 +249,9 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     if rank == 0 and steps_note:
         print(steps_note, file=sys.stderr)
     targets = lora.resolve_before_load(recipe.model, recipe.lora)  # a bad lora glob: before the weights
+    # DeepSpeed casts for bf16/fp16, keeps fp32 masters
     model = load_model(recipe.model, "fp32", lora.quantization(recipe.lora, recipe.engine.precision, targets))
-    model = lora.apply(model, recipe.lora, targets)  # DeepSpeed casts for bf16/fp16, keeps fp32 masters
+    model = lora.apply(model, recipe.lora, targets)  # LoRA adapters in place (off: the model as is)
     optimizer, _rows = optim.build_optimizer(model, recipe.optim)
     if recipe.engine.offload_optimizer:
         optimizer = ds.offload_optimizer(optimizer)
