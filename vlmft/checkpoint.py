@@ -5,7 +5,7 @@ scheduler), each rank's RNG state, vlmft's state (step, data-stream position, re
 world size) and a ``COMPLETE`` marker written last; ``latest`` names the newest complete one.
 Under LoRA the shards hold the adapters, the modules to save and their optimizer state only:
 the frozen weights never change and come back from the model folder (a few percent of a full
-checkpoint; tests/test_lora_train.py measures it).
+checkpoint; tests/test_lora_dist.py measures it).
 """
 
 from __future__ import annotations
