@@ -18,14 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q $(TORCH_CPU); \
 	fi
-	$(BIN)/pip install -q -e '.[test,wandb,plot]'
+	$(BIN)/pip install -q -e '.[test,wandb,plot,peft]'
 	@touch $@
 
 # The held-out set before training (the base model), then training, which evaluates it again
-# after its last step.
+# after its last step, with greedy answers (eval.generate).
 demo: install
 	$(BIN)/vlmft eval recipes/demo.yaml output_dir=runs/demo-base
-	$(BIN)/vlmft train recipes/demo.yaml --overwrite
+	$(BIN)/vlmft train recipes/demo.yaml eval.generate=true --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -40,6 +40,9 @@ frozen weights bit-identical, every other weight changed.
 ``eval`` (issue 13): vlmft.eval.evaluate (``vlmft eval``) on the demo's held-out set, the launch's
 ``key=value`` arguments as recipe overrides, for every loss reduction.
 
+``lora_grad`` (issue 14): ``grad`` on a LoRA-wrapped demo model (ZeRO 2 and 3): the trained
+parameters' update against the plain-torch gradient of L, the frozen ones unmoved.
+
 Results are plain numbers; the tests hold the thresholds.
 """
 
@@ -546,7 +549,61 @@ def task_eval(rank: int, world: int, out: Path, extra: list[str]) -> dict:
     return results
 
 
-TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim, "nonfinite": task_nonfinite, "eval": task_eval}
+
+
+# Task: lora_grad (issue 14)
+
+LORA = ["lora.enabled=true", "lora.modules_to_save=[projector]"]
+
+
+def task_lora_grad(rank: int, world: int) -> dict:
+    """``grad`` with LoRA: the demo model wrapped (adapters on the language model, the projector
+    trained fully), its adapters set to random values first (B = 0 would leave A without a
+    gradient). For every reduction x ZeRO 2, 3 x this world's accumulations, one optimizer step:
+    the update of every trained parameter (/ -1e6, as in ``grad``) against the gradient of L in
+    plain torch on the same wrapped model, every sample alone; the frozen ones must not move."""
+    from vlmft import lora
+
+    recipe0 = recipe_for(2, 1, extra=LORA)
+    processor = load_processor(recipe0.model)
+    _use(processor)
+    samples = Samples(recipe0, processor)
+    base = lora.apply(load_model(recipe0.model, "fp32"), recipe0.lora)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, q in base.named_parameters():
+            if ".lora_" in n:
+                q.copy_(torch.randn_like(q) * 0.05)
+    trained = [n for n, q in base.named_parameters() if q.requires_grad]
+    parts = step_parts(samples)
+    before = {n: q.detach().clone() for n, q in base.named_parameters()}
+    refs = {}
+    if rank == 0:
+        ref_model = copy.deepcopy(base)
+        for red in REDUCTIONS:
+            loss, grads = reference_grad(ref_model, parts, red)
+            refs[red] = (loss, {n: grads[n] for n in trained})
+    out = {"world": world, "trained": len(trained), "cases": []}
+    for stage in (2, 3):
+        for acc in [a for (w, a) in SPLITS if w == world]:
+            for red in REDUCTIONS:
+                recipe = recipe_for(stage, acc, red, extra=LORA)
+                eng, model, _ = build(base, recipe, world)
+                r = train_step(eng, rank_batches(parts, world, acc, rank), recipe, world)
+                after = full_params(eng, model)
+                case = {"stage": stage, "acc": acc, "reduction": red, "loss": r.loss, "skipped": r.skipped,
+                        "frozen_moved": sorted(n for n in before if n not in trained
+                                               and not torch.equal(before[n], after[n]))}
+                if rank == 0:
+                    ref_loss, ref = refs[red]
+                    case.update(compare({n: (before[n] - after[n]) / K for n in trained}, ref), ref_loss=ref_loss)
+                out["cases"].append(case)
+                del eng
+    return out
+
+
+TASKS = {"e2e": task_e2e, "grad": task_grad, "optim": task_optim, "nonfinite": task_nonfinite,
+         "lora_grad": task_lora_grad, "eval": task_eval}
 
 
 def main(argv: list[str]) -> None:

@@ -8,12 +8,16 @@ under each and asserts that they fail.
 - ``bias_decay``: biases get weight decay.
 - ``eval_token_reduction``: the eval loss weighs every token alike whatever loss.reduction says.
 - ``adaptive_unweighted``: the adaptive weights are computed and logged but never put on the rows.
+- ``lora_tower_leak``: a lora.targets glob selects modules of every tower, not only its own.
+- ``lora_unscaled_merge``: the merged export adds B A without the alpha / r scaling.
+- ``lora_trains_base``: under LoRA, weights that are neither adapters nor saved modules train.
 """
 
 from __future__ import annotations
 
 MUTANTS = ("no_label_shift", "sample_square_swap", "no_position_restart", "bias_decay",
-           "eval_token_reduction", "adaptive_unweighted")
+           "eval_token_reduction", "adaptive_unweighted", "lora_tower_leak", "lora_unscaled_merge",
+           "lora_trains_base")
 
 
 def apply(name: str) -> None:
@@ -89,3 +93,48 @@ def _adaptive_unweighted():
     from vlmft import per_dataset
 
     per_dataset.weigh = lambda batches, d: None
+
+
+def _lora_tower_leak():
+    from vlmft import lora
+
+    targets = lora._glob_targets
+
+    def leaky(glob, tower, key, modules, towers, errors):
+        return targets(glob, tower, key, modules, dict.fromkeys(towers, tower), errors)
+
+    lora._glob_targets = leaky
+
+
+def _lora_unscaled_merge():
+    from peft.tuners.lora import LoraLayer
+
+    from vlmft import export
+
+    merged = export.merged_state
+
+    def unscaled(model, state):
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        saved = [dict(m.scaling) for m in layers]
+        for m in layers:
+            m.scaling = dict.fromkeys(m.scaling, 1.0)
+        try:
+            return merged(model, state)
+        finally:
+            for m, s in zip(layers, saved):
+                m.scaling = s
+
+    export.merged_state = unscaled
+
+
+def _lora_trains_base():
+    from vlmft import optim
+
+    rule = optim._lora_rule
+
+    def leaky(frozen_by, errors):
+        inner = rule(frozen_by, errors)
+        return lambda tower, lid, tied, name: (frozen_by(tower, lid, tied, name) if optim.kind(name) == "other"
+                                               else inner(tower, lid, tied, name))
+
+    optim._lora_rule = leaky

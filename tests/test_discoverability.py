@@ -61,7 +61,7 @@ def test_init_writes_a_recipe_that_loads_and_documents_every_key(tmp_path, in_ro
     # every commented key, uncommented, gives the defaults back: the comments are real YAML
     names = {k.rsplit(".", 1)[-1] for k in _leaf_keys()} | {"model", "data", "packing", "loss", "optim",
                                                            "layer_decay", "freeze", "schedule", "train",
-                                                           "engine", "eval", "checkpoint", "log"}
+                                                           "engine", "eval", "checkpoint", "log", "lora", "targets"}
     lines = [re.sub(r"^(\s*)# ((\w+):.*)$", lambda m: m.group(1) + m.group(2)
                     if m.group(3) in names else m.group(0), x) for x in text.splitlines()]
     full = tmp_path / "full.yaml"

@@ -3,6 +3,9 @@
 A checkpoint is ``{output_dir}/checkpoints/stepN``: DeepSpeed's own shards (model, optimizer,
 scheduler), each rank's RNG state, vlmft's state (step, data-stream position, resolved recipe,
 world size) and a ``COMPLETE`` marker written last; ``latest`` names the newest complete one.
+Under LoRA the shards hold the adapters, the modules to save and their optimizer state only:
+the frozen weights never change and come back from the model folder (a few percent of a full
+checkpoint; tests/test_lora_dist.py measures it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .distributed import barrier, rank
+from .peft_names import is_wrapped
 
 COMPLETE = "COMPLETE"  # written into a tag folder once every rank has finished saving
 
@@ -30,7 +34,8 @@ def save(engine, ckpt_dir: Path, step: int, keep_last: int, extra: dict) -> Path
     import torch
 
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=_lora(engine))
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank()}.pt")
     barrier()
     if rank() == 0:
@@ -104,13 +109,20 @@ def load(engine, path: Path, universal: bool = False) -> None:
     import torch
 
     path = Path(path)
+    strict = not _lora(engine)  # a LoRA checkpoint holds the trained parameters only
     if universal:
-        engine.load_checkpoint(str(to_universal(path)), tag=path.name)
+        engine.load_checkpoint(str(to_universal(path)), tag=path.name, load_module_strict=strict)
     else:
-        engine.load_checkpoint(str(path.parent), tag=path.name)
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=strict)
     rng = path / f"rng_rank{rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
+
+
+def _lora(engine) -> bool:
+    """Whether the engine trains LoRA adapters: its checkpoints then leave out the frozen
+    weights (DeepSpeed's exclude_frozen_parameters), which the model folder holds unchanged."""
+    return any(is_wrapped(m) for m in engine.module.modules())
 
 
 def _rng_state() -> dict:
@@ -144,12 +156,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def export(engine, model, processor, path: str) -> None:
+def export(engine, model, processor, path: str, adapter: str | None = None) -> None:
     """Save ``model`` (the HF model the engine trains) as an HF folder: safetensors, config,
     generation config, processor and chat template, from any ZeRO stage (under ZeRO-3 the
     parameters are gathered first; every rank takes part, rank 0 writes). See
-    vlmft/export.py for what makes the folder ready for inference."""
-    from .export import save_for_inference
+    vlmft/export.py for what makes the folder ready for inference. A LoRA model is saved
+    merged at ``path`` and as peft's adapter folder at ``adapter`` (when given)."""
+    from .export import merged_state, quantized, save_adapter, save_for_inference, unquantized_base
 
     state = None
     if engine.zero_optimization_stage() == 3:
@@ -158,7 +171,15 @@ def export(engine, model, processor, path: str) -> None:
             prefix = _prefix(engine.module, model)
             state = {k.removeprefix(prefix): v for k, v in full.items()}
     if rank() == 0:
-        save_for_inference(model, processor, path, state)
+        target = model
+        if is_wrapped(model):
+            state = state if state is not None else model.state_dict()
+            if adapter:
+                save_adapter(model, processor, adapter, state)
+            base = unquantized_base(model) if quantized(model) else None
+            state = merged_state(model, state, base.state_dict() if base is not None else None)
+            target = base if base is not None else model
+        save_for_inference(target, processor, path, state)
     barrier()
 
 

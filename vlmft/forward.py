@@ -57,8 +57,8 @@ class LossModule(nn.Module):
     ZeRO-3 gathers its parameters with a collective when it runs, and ZeRO 1/2 reduce gradients
     in buckets that must be the same on every rank (a text-only rank measured a gloo size
     mismatch, 186144 vs 123456 elements). A micro-batch without images runs the blank image
-    through ``get_image_features`` and adds 0 x its outputs: exactly zero, once per micro-batch,
-    never a dummy image inside a sample.
+    through ``get_image_features`` and adds 0 x its outputs to the language model's input
+    embeddings: exactly zero, once per micro-batch, never a dummy image inside a sample.
     """
 
     def __init__(self, model: nn.Module, family: Family, chunk_size: int, blank: dict | None = None):
@@ -110,9 +110,21 @@ def hidden_states(model: nn.Module, family: Family, inputs: dict, blank: dict | 
         vision = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in blank.items()}
         # Run the blank image exactly where images would run (before the language model), so
         # ZeRO-3 gathers parameters in the same order on every rank and every micro-batch.
+        def run_blank(module, args, kwargs):
+            feats = family.image_features(base, vision)
+            total, embeds = sum_tensors(feats), kwargs.get("inputs_embeds")
+            if total is None or embeds is None:
+                blank_out.append(feats)  # added to the loss instead (LossModule)
+                return None
+            # 0 x the features enters where images' features enter, so the backward pass also
+            # reaches the vision side after the language model, in the order real images make
+            # (ZeRO-3 checks the backward's module order too: with a frozen language model, or
+            # LoRA and a trained projector, adding it to the loss instead hung 2 ranks)
+            kwargs["inputs_embeds"] = embeds + 0.0 * total.to(embeds.dtype)
+            return args, kwargs
+
         hooks.append(getattr(base, family.language).register_forward_pre_hook(
-            lambda *_: blank_out.append(family.image_features(base, vision)),
-            prepend=True))  # before ZeRO-3's own pre-hook records the language model
+            run_blank, prepend=True, with_kwargs=True))  # before ZeRO-3's own pre-hook records the language model
     try:
         return base(**kw, attention_mask=mask, use_cache=False).last_hidden_state
     finally:

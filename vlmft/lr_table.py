@@ -10,6 +10,12 @@ first optimizer step, the ``step`` of metrics.jsonl's first row. Nothing here im
 (one row per optimizer group, plus one ``frozen`` row). The ``groups`` entry of the table is the
 same in every view and is what a DeepSpeed engine's ``optimizer.param_groups`` should show
 (tests/test_optim_deepspeed.py compares them: name, lr, weight_decay).
+
+With ``lora.enabled`` the meta model gets its adapters first (vlmft/lora.py, on the meta device
+too), so the table lists them where they train: a ``lora`` column marks each row (``adapter``,
+``saved`` for the trained copies of lora.modules_to_save, ``base`` for the frozen layers
+under them; ``adapters`` counts them per layer with ``--by layer``), and the caption gives the
+adapter and trainable counts. A bad lora glob is the same one-line error as in training.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ VIEWS = ("param", "layer", "group")
 
 def lr_table(recipe: Recipe, step: int = 1, by: str = "param") -> dict:
     """The table for a recipe's model (built on the meta device from its config)."""
+    from .lora import apply
     from .model import meta_model
 
-    return table_for_model(meta_model(recipe.model), recipe, step=step, by=by)
+    return table_for_model(apply(meta_model(recipe.model), recipe.lora), recipe, step=step, by=by)
 
 
 def table_for_model(model, recipe: Recipe, step: int = 1, by: str = "param") -> dict:
@@ -57,22 +64,30 @@ def table_for_model(model, recipe: Recipe, step: int = 1, by: str = "param") -> 
     totals = {"total": sum(r.numel for r in rows), "trainable": sum(r.numel for r in trainable),
               "frozen": sum(r.numel for r in rows if r.frozen), "decayed": decayed,
               "non_decayed": sum(r.numel for r in trainable) - decayed,
-              "tensors": len(rows), "groups": len(groups)}
+              "tensors": len(rows), "groups": len(groups),
+              "adapters": sum(r.numel for r in rows if r.lora == "adapter"),
+              "saved": sum(r.numel for r in rows if r.lora == "saved")}
     if by == "param":
         out = params
     elif by == "layer":
         out = _by_layer(params)
     else:
         out = _by_group(params, group_rows)
+    lora = None
+    if any(r.lora for r in rows):
+        lo = recipe.lora
+        lora = {"r": lo.r, "alpha": lo.alpha, "layers": len({r.name.split(".lora_")[0] for r in rows
+                                                            if r.lora == "adapter"}),
+                "modules_to_save": list(lo.modules_to_save)}
     return {"model": recipe.model.name_or_path, "step": step, "lr_factor": factor, "by": by,
-            "rows": out, "groups": group_rows, "totals": totals}
+            "rows": out, "groups": group_rows, "totals": totals, "lora": lora}
 
 
 def _param_row(r: ParamRow, base: float) -> dict:
     return {"name": r.name, "module": r.module, "shape": list(r.shape), "numel": r.numel,
             "tower": r.tower, "layer_id": r.layer_id, "lr_scale": r.lr_scale,
             "lr": 0.0 if r.frozen else base * r.lr_scale, "weight_decay": r.weight_decay,
-            "frozen": r.frozen, "group": r.group, "reason": r.reason}
+            "frozen": r.frozen, "group": r.group, "reason": r.reason, "lora": r.lora}
 
 
 def _aggregate(name: str, members: list[dict], **extra) -> dict:
@@ -84,6 +99,7 @@ def _aggregate(name: str, members: list[dict], **extra) -> dict:
             "lr_min": min((p["lr"] for p in live), default=0.0),
             "weight_decay": max((p["weight_decay"] for p in live), default=0.0),
             "frozen": not live, "frozen_numel": sum(p["numel"] for p in members if p["frozen"]),
+            "adapters": sum(p["numel"] for p in members if p.get("lora") == "adapter"),
             "group": sorted({p["group"] for p in live})}
 
 
@@ -158,6 +174,7 @@ WIDE = {"param": ["name", "module", "shape", "tower", "layer_id", "lr", "weight_
 NARROW = {"param": ["name", "layer", "lr", "weight_decay", "group"],
           "layer": ["name", "numel", "lr", "lr_min", "weight_decay", "frozen"],
           "group": ["name", "layers", "lr", "weight_decay"]}
+LORA_COLUMN = {"param": "lora", "layer": "adapters"}  # added before the last column under LoRA
 HEADS = {"weight_decay": "wd", "layer_id": "layer id", "lr_min": "lr min"}
 NAME_MIN = 16
 
@@ -174,6 +191,8 @@ def render(table: dict, width: int = 80, wide: bool = False):
 
     by = table["by"]
     cols = (WIDE if wide else NARROW)[by]
+    if table.get("lora") and by in LORA_COLUMN:  # adapter rows marked
+        cols = cols[:-1] + [LORA_COLUMN[by]] + cols[-1:]
     cells = [[_fmt(c, r) for c in cols] for r in table["rows"]]
     heads = [HEADS.get(c, c) for c in cols]
     need = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
@@ -184,10 +203,14 @@ def render(table: dict, width: int = 80, wide: bool = False):
     caption = (f"step {table['step']} (lr x{table['lr_factor']:.4g}); trainable {t['trainable']:,} "
                f"(decayed {t['decayed']:,}, not decayed {t['non_decayed']:,}); frozen "
                f"{t['frozen']:,}; {t['groups']} optimizer groups")
+    if table.get("lora"):
+        lo = table["lora"]
+        caption += (f"\nLoRA r={lo['r']} alpha={lo['alpha']:g}: adapters {t['adapters']:,} in "
+                    f"{lo['layers']} layers; lora.modules_to_save {t['saved']:,}")
     out = Table(title=f"lr-table: {table['model']}", caption=caption, box=box.SIMPLE_HEAD,
                 show_edge=False, pad_edge=False, padding=(0, 1))
     for i, (c, h) in enumerate(zip(cols, heads)):
-        out.add_column(h, justify="right" if c in ("numel", "lr", "lr_min", "tensors") else "left",
+        out.add_column(h, justify="right" if c in ("numel", "lr", "lr_min", "tensors", "adapters") else "left",
                        no_wrap=c != "layers", overflow="fold" if c == "layers" else "ellipsis",
                        min_width=None if i == 0 or c == "layers" else need[i])
     for row in cells:
@@ -232,8 +255,10 @@ def _fmt(col: str, r: dict) -> str:
         return "-"
     if col in ("lr", "lr_min"):
         return sci(v)
-    if col == "numel":
+    if col in ("numel", "adapters"):
         return f"{v:,}"
+    if col == "lora":
+        return "" if v == "other" else v
     if isinstance(v, (list, tuple)):
         return "x".join(map(str, v)) if col == "shape" else ",".join(map(str, v))
     return str(v)

@@ -66,7 +66,7 @@ def attention_kernel(cfg: ModelConfig, config=None) -> str:
         raise RecipeError([str(exc)]) from None
 
 
-def load_model(cfg: ModelConfig, precision: str = "fp32"):
+def load_model(cfg: ModelConfig, precision: str = "fp32", quantization=None):
     """Weights from the folder or hub, in the dtype given, with training-safe settings and the
     resolved attention kernel.
 
@@ -77,12 +77,16 @@ def load_model(cfg: ModelConfig, precision: str = "fp32"):
 
     ``use_cache`` is switched off on the model and its text config: with a cache, transformers
     does not detect packed sequences from restarting position ids and samples in a row attend
-    to each other (a 0.5 logit difference measured on the demo model).
+    to each other (a 0.5 logit difference measured on the demo model). ``quantization``: a
+    transformers quantization config (QLoRA, vlmft/lora.py), loaded onto this rank's GPU.
     """
     config = load_config(cfg)
+    extra = {}
+    if quantization is not None:
+        extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.name_or_path, dtype=DTYPES[precision], attn_implementation=attention_kernel(cfg, config),
-        trust_remote_code=cfg.trust_remote_code)
+        trust_remote_code=cfg.trust_remote_code, **extra)
     _keep_used_conversions(model)
     disable_cache(model)
     enable_gradient_checkpointing(model, cfg.gradient_checkpointing, family(cfg, model.config))

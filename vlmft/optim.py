@@ -18,7 +18,10 @@ row's ``reason`` says which ones applied.
    Idefics3 / SmolVLM        model.vision_model           model.connector                    model.text_model
    InternVL (remote code)    vision_model                 mlp1                               language_model
    ========================  ===========================  =================================  ===============================
-   and ``lm_head`` is the head. A parameter that no rule places is an error naming it.
+   and ``lm_head`` is the head. A parameter that no rule places is an error naming it. The
+   components peft adds (``base_layer``, ``lora_A``/``lora_B``, ``default``,
+   ``modules_to_save``, ``original_module``, a ``base_model.model.`` prefix) name no tower, so an
+   adapter sits in the tower and block of the layer it wraps (vlmft/peft_names.py).
    **Layer ids** inside the vision and language towers: block ``i`` (the first ``layers.i``,
    ``blocks.i``, ``layer.i`` or ``h.i`` after the root) gets ``i + 1``; parameters registered
    before the first block (embeddings, patch/position embeddings, class token, a pre-block norm)
@@ -31,7 +34,10 @@ row's ``reason`` says which ones applied.
    blocks), ``vision_last_layers: N`` freezes the last N blocks (ids ``n-N+1..n``; the
    post-norm stays trainable). A head tied to the input embeddings is one tensor, listed once
    under the embeddings: it follows ``freeze.language``; ``freeze.lm_head`` without
-   ``freeze.language`` on a tied model is an error (it cannot be done).
+   ``freeze.language`` on a tied model is an error (it cannot be done). **Under LoRA** (a
+   model peft has wrapped) only the adapters and the trained copies of ``lora.modules_to_save``
+   can train; the flags still act on them, and a whole-tower flag that would freeze them is an
+   error.
 3. **Weight decay** ``optim.weight_decay``, except (the first that applies is the reason):
    biases; norms (the owning module's class name contains ``Norm``, or a path component
    contains ``norm`` or starts with ``ln_``); position embeddings; class tokens (``cls_token``,
@@ -60,6 +66,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .peft_names import is_wrapped, kind
 from .recipe import FreezeConfig, OptimConfig, RecipeError
 
 TOWERS = ("vision", "projector", "language", "head")
@@ -87,6 +94,7 @@ class ParamRow:
     frozen: bool
     group: int | None      # index into the groups of plan(); None if frozen
     reason: str
+    lora: str | None = None  # under LoRA: 'adapter' | 'saved' | 'base' | 'other' (peft_names.kind)
 
 
 def group_name(index: int, group: dict) -> str:
@@ -172,6 +180,8 @@ def plan(model: nn.Module, optim: OptimConfig) -> tuple[list[ParamRow], list[dic
     towers = _Towers(named)
     errors: list[str] = []
     frozen_by, tied_head = _freeze_rule(optim.freeze, towers, named, aliases, errors)
+    if is_wrapped(model):
+        frozen_by = _lora_rule(frozen_by, errors)
     rows = _rows(model, optim, towers, named, aliases, frozen_by, tied_head, errors)
     if errors:
         raise RecipeError(errors, "optim")
@@ -233,7 +243,7 @@ def _freeze_rule(f: FreezeConfig, towers: _Towers, named: list, aliases: dict, e
                       "embeddings (one tensor, which follows optim.freeze.language); freeze "
                       "both or neither")
 
-    def frozen_by(tower, lid, tied):
+    def frozen_by(tower, lid, tied, name=None):
         if tower == "vision":
             if f.vision:
                 return "optim.freeze.vision"
@@ -250,6 +260,35 @@ def _freeze_rule(f: FreezeConfig, towers: _Towers, named: list, aliases: dict, e
         return None
 
     return frozen_by, tied_head
+
+
+_WHOLE_TOWER = ("optim.freeze.vision", "optim.freeze.projector", "optim.freeze.language",
+                "optim.freeze.lm_head")
+
+
+def _lora_rule(frozen_by, errors: list[str]):
+    """2b. Under LoRA (a model peft has wrapped, vlmft/lora.py): only the adapters and the
+    trained copies of lora.modules_to_save can train; the freeze flags still act on those
+    (``vision_first_layers`` leaves the adapters of those blocks frozen); a flag that freezes a
+    whole tower's adapters or saved modules contradicts the lora section and is an error."""
+    said: set[str] = set()
+
+    def rule(tower, lid, tied, name):
+        k = kind(name)
+        if k == "base":
+            return "lora (the frozen layer under an adapter, or a saved module's original)"
+        if k == "other":
+            return "lora (not a lora target, not in lora.modules_to_save)"
+        why = frozen_by(tower, lid, tied, name)
+        flag = why.split(" ")[0] if why else None
+        if flag in _WHOLE_TOWER and flag not in said:
+            said.add(flag)
+            what = "LoRA adapters" if k == "adapter" else "lora.modules_to_save copies"
+            errors.append(f"{flag}: freezes the {what} in that tower ({name}); remove the flag "
+                          "or that tower's lora entries")
+        return why
+
+    return rule
 
 
 def _rows(model, optim: OptimConfig, towers: _Towers, named, aliases, frozen_by, tied_head,
@@ -270,8 +309,11 @@ def _rows(model, optim: OptimConfig, towers: _Towers, named, aliases, frozen_by,
         al = aliases[id(p)]
         owner = modules[n.rsplit(".", 1)[0]] if "." in n else model
         lid = towers.layer_of(i, n)
-        why = frozen_by(tower, lid, id(p) in tied_head)
+        why = frozen_by(tower, lid, id(p) in tied_head, n)
+        lora = kind(n) if is_wrapped(model) else None
         reasons = [f"frozen: {why}"] if why else []
+        if lora in ("adapter", "saved") and not why:
+            reasons.append("lora adapter" if lora == "adapter" else "lora.modules_to_save")
         if id(p) in tied_head:
             reasons.append("tied: also " + ", ".join(al[1:]))
         for pat in used_nd:
@@ -288,7 +330,8 @@ def _rows(model, optim: OptimConfig, towers: _Towers, named, aliases, frozen_by,
                 scale *= mult
                 reasons.append(f"lr x{mult:g} ({pat})")
         rows.append(ParamRow(n, type(owner).__name__, _shape(p), _shape(p).numel(), tower, lid, float(scale),
-                             0.0 if nd else float(optim.weight_decay), why is not None, None, "; ".join(reasons)))
+                             0.0 if nd else float(optim.weight_decay), why is not None, None, "; ".join(reasons),
+                             lora))
     names = [a for al in aliases.values() for a in al]
     errors += [f"optim.lr_multipliers.{pat}: pattern matches no parameter; " + _suggest(pat, names)
                for pat, hit in used_mult.items() if not hit]

@@ -327,6 +327,45 @@ class LogConfig:
 
 
 @dataclass
+class LoraTargetsConfig:
+    language: list[str] = field(default_factory=lambda: ["linear"])
+    """Modules of the language model that get LoRA adapters: globs over full module names (a
+    glob also matches a name's last components: 'q_proj' is every ....q_proj), or 'linear' for
+    every nn.Linear of the tower. Only nn.Linear layers can be targets."""
+    vision: list[str] = field(default_factory=list)
+    """The same for the vision tower; empty: no adapter reaches it."""
+    projector: list[str] = field(default_factory=list)
+    """The same for the vision-to-language projector (Qwen's merger)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (through peft) instead of the weights: only the adapters and
+    lora.modules_to_save train; every other weight stays frozen as loaded."""
+    r: int = 8
+    """Rank of each adapter (lora_A is r x in, lora_B out x r)."""
+    alpha: float = 16.0
+    """Scaling: an adapter adds (alpha / r) x B A x to its layer (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on an adapter's input (not on the frozen layer's path)."""
+    rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    init: str = choice("default", "default", "gaussian", "orthogonal")
+    """peft's init_lora_weights: default (A Kaiming-uniform, B zero), gaussian (A normal with
+    std 1/r, B zero), orthogonal (A and B both non-zero, from orthogonal halves of one QR, so B A
+    is zero up to rounding; needs an even r). Each starts the model at the base model."""
+    targets: LoraTargetsConfig = field(default_factory=LoraTargetsConfig)
+    """Where adapters go, per tower (towers as vlmft lr-table places them)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained fully beside the adapters (peft's modules_to_save), e.g. [projector]:
+    globs over full module names, or a tower name (projector, vision, language, head)."""
+    quantize: str = choice("none", "none", "nf4")
+    """QLoRA: nf4 loads the language model's frozen weights in 4-bit NF4 through bitsandbytes
+    (double quantization; vision tower, projector and head stay unquantized). Needs CUDA."""
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/vlmft"
     """Where metrics.jsonl, checkpoints and the final HF folder go."""
@@ -350,6 +389,8 @@ class Recipe:
     """Checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA adapters (off by default: full fine-tuning)."""
 
 
 # ----------------------------------------------------------------------------------------------

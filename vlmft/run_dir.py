@@ -11,8 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-# what a run writes into output_dir (train.py, metrics.py, engine.py, eval.py, plot.py)
-ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "recipe.yaml", "tb", "wandb", "eval", "curves.png")
+# what a run writes into output_dir (train.py, metrics.py, engine.py, eval.py, plot.py, export.py)
+ARTIFACTS = ("checkpoints", "final", "adapter", "metrics.jsonl", "recipe.yaml", "tb", "wandb", "eval", "curves.png")
 # what `vlmft eval` may write there before any training (predictions): not yet a run
 BEFORE_TRAINING = ("eval",)
 

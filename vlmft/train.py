@@ -26,6 +26,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import engine as ds
+from . import lora
 from . import loss as lossmod
 from . import optim, per_dataset, schedule, train_eval
 from .data import drops, epochs
@@ -259,8 +260,11 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     recipe, steps_note = epochs.resolve(recipe, catalog, world)  # train.epochs -> max_steps
     if rank == 0 and steps_note:
         print(steps_note, file=sys.stderr)
+    targets = lora.resolve_before_load(recipe.model, recipe.lora)  # a bad lora glob: before the weights
     with ds.zero3_init(ds.ds_config(recipe, world)):  # ZeRO-3: partitioned as it is built
-        model = load_model(recipe.model, recipe.engine.precision)  # in the training dtype (model.py)
+        model = load_model(recipe.model, recipe.engine.precision,  # in the training dtype (model.py)
+                           lora.quantization(recipe.lora, recipe.engine.precision, targets))
+    model = lora.apply(model, recipe.lora, targets)  # LoRA adapters in place (off: the model as is)
     note = attention_note(model, recipe.model.gradient_checkpointing, recipe.data.packing.enabled
                           and recipe.train.micro_batch_size * recipe.data.packing.max_packed_tokens)
     if rank == 0 and note:
@@ -377,7 +381,8 @@ def _row(run: Run, r: StepResult, batches: list[dict], dt: float, t_data: float)
 def finish(run: Run) -> TrainResult:
     final = run.out / "final"
     if not run.preempted:
-        ckpt.export(run.eng, run.model, run.processor, str(final))
+        ckpt.export(run.eng, run.model, run.processor, str(final),
+                    adapter=str(run.out / "adapter") if run.recipe.lora.enabled else None)
         if len(run.losses) >= 20:
             head, tail = _mean(run.losses[:10]), _mean(run.losses[-10:])
             run.metrics.print(f"vlmft: mean loss of the first 10 steps {head:.4f}, of the last 10 {tail:.4f}")

@@ -236,6 +236,42 @@ def _eval_checks(r, e: list[str]) -> None:
                      f"measures: {missing[0]} (or name it {missing[0]})")
 
 
+def _lora_checks(r, e: list[str]) -> None:
+    """The lora section (vlmft/lora.py resolves the module globs later, on the model): ranges,
+    and what would do nothing when LoRA is off."""
+    lo = r.lora
+    if not lo.enabled:
+        for k, default in (("r", 8), ("alpha", 16.0), ("dropout", 0.0), ("rslora", False),
+                           ("init", "default"), ("modules_to_save", []), ("quantize", "none")):
+            if getattr(lo, k) != default:
+                e.append(f"lora.{k}: only used with lora.enabled=true")
+        t = lo.targets
+        if (t.language, t.vision, t.projector) != (["linear"], [], []):
+            e.append("lora.targets: only used with lora.enabled=true")
+        return
+    if lo.r < 1:
+        e.append(f"lora.r: must be >= 1, got {lo.r}")
+    elif lo.init == "orthogonal" and lo.r % 2:
+        e.append(f"lora.init: orthogonal needs an even lora.r, got {lo.r}")
+    if lo.alpha <= 0:
+        e.append(f"lora.alpha: must be > 0, got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        e.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    t = lo.targets
+    if not (t.language or t.vision or t.projector):
+        e.append("lora.targets: no tower has targets; give e.g. lora.targets.language=[linear]")
+    for tower in ("language", "vision", "projector"):
+        for i, g in enumerate(getattr(t, tower)):
+            if not g.strip():
+                e.append(f"lora.targets.{tower}[{i}]: empty glob")
+    if lo.quantize == "nf4":
+        if r.engine.precision == "fp32":
+            e.append("lora.quantize: nf4 computes in bf16 or fp16; set engine.precision=bf16")
+        if r.engine.zero_stage == 3:
+            e.append("lora.quantize: nf4 is supported with engine.zero_stage 0-2 (4-bit weights are "
+                     "not partitioned); set engine.zero_stage=2")
+
+
 def semantic_checks(r) -> list[str]:
     """Checks on the values of a well-typed recipe (a vlmft.recipe.Recipe): ranges, files that
     must exist, a writable output_dir, combinations."""
@@ -336,6 +372,7 @@ def semantic_checks(r) -> list[str]:
         if k in r.engine.deepspeed:
             e.append(f"engine.deepspeed.{k}: set by vlmft from train.*; remove it and use "
                      "train.micro_batch_size / train.grad_accum_steps")
+    _lora_checks(r, e)
     positive("checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
     positive("checkpoint.keep_last", r.checkpoint.keep_last)
     positive("log.every_steps", r.log.every_steps)
