@@ -17,7 +17,7 @@ from .conftest import BIN, ROOT, clean_env, run
 
 def model_folder(dest):
     """The demo model's architecture with 8 language and 4 vision blocks (no parameter holds
-    more than 5% of the model), random weights, the demo's processor files."""
+    more than 6.2% of the model), random weights, the demo's processor files."""
     import torch
     import transformers as tf
 
@@ -56,7 +56,7 @@ def test_zero3_load_partitions_the_model_as_it_is_built(results):
         assert z3["partitioned"] and not plain["partitioned"]
         # after the load: this rank's half (DeepSpeed pads partitions to alignment)
         assert z3["held_elements"] <= 0.51 * full
-        # while loading: its half plus one module gathered at a time (no parameter is over 5.5%)
+        # while loading: its half plus one module gathered at a time (no parameter is over 6.2%)
         assert z3["peak_elements"] <= 0.6 * full, (z3["peak_elements"], full)
         assert plain["peak_elements"] >= full                # the control: the whole model
         # the optimizer sees the same shapes, no-decay reasons and groups in both
