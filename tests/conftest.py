@@ -56,6 +56,16 @@ def processor():
     return load_processor(ModelConfig(name_or_path=str(ROOT / "demo" / "model")))
 
 
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """The demo trained as `make demo` trains it (recipes/demo.yaml as shipped), once per session:
+    the README's evaluation block and its inference lines are run on it."""
+    out = tmp_path_factory.mktemp("trained-demo") / "demo"
+    p = vlmft("train", str(DEMO), f"output_dir={out}", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
 @pytest.fixture
 def dist_env():
     """The CLI's set-up call, for tests that run ``vlmft.train.train`` in this process."""

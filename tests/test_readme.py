@@ -32,6 +32,10 @@ def test_every_file_in_the_layout_exists():
     found = {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts}
     missing = [n for n in names if n.split("/")[-1] not in found]
     assert not missing, missing
+    # and the other way: every module of the package has its line (models/ lists its files inline)
+    unlisted = [str(p.relative_to(ROOT / "vlmft")) for p in (ROOT / "vlmft").rglob("*.py")
+                if p.name != "__init__.py" and not re.search(rf"(^|[\s/]){re.escape(p.name)}\b", tree, re.M)]
+    assert not unlisted, f"README layout lacks {unlisted}"
 
 
 def test_record_examples_are_records_in_either_format():

@@ -127,10 +127,10 @@ def task_trace(out: Path) -> dict:
     real = forward.LossModule.forward
     calls = {"n": 0}
 
-    def varying(self, inputs, weights, n_chunks=None):   # the control: + 1 head call every other step
+    def varying(self, inputs, weights, n_chunks=None, **kw):   # the control: + 1 head call every other step
         step = calls["n"] // 2
         calls["n"] += 1
-        return real(self, inputs, weights, n_chunks=n_chunks + step % 2)
+        return real(self, inputs, weights, n_chunks=n_chunks + step % 2, **kw)
 
     res = {}
     for mode in ("fixed", "varying"):

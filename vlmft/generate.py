@@ -67,10 +67,12 @@ def ask(model_dir: str, question: str, images: list[str] = (), max_new_tokens: i
     and answer one question about ``images`` (put before the question, as training's data does
     when a record has no placeholder)."""
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging
 
     from .model import load_processor
     from .recipe import ModelConfig
 
+    logging.disable_progress_bar()  # the answer is the whole output
     cfg = ModelConfig(name_or_path=model_dir)
     processor = load_processor(cfg)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)

@@ -28,9 +28,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def compare(saved: dict, current: dict, saved_world: int, world: int) -> tuple[list[str], list[str]]:
-    """(warnings, refusals) for resuming a run saved with ``saved`` onto ``current``."""
+def compare(saved: dict, current: dict, saved_world: int, world: int,
+            defaults: dict | None = None) -> tuple[list[str], list[str]]:
+    """(warnings, refusals) for resuming a run saved with ``saved`` onto ``current``.
+    ``defaults`` (the schema's defaults, as nested dicts): a key the saved recipe lacks, because
+    it was added to vlmft after the checkpoint was written, held its default there."""
     a, b = flatten(saved), flatten(current)
+    a = {**{k: v for k, v in flatten(defaults or {}).items() if k in b}, **a}
     warnings, refusals = [], []
     # train.epochs runs were saved with the steps it came to (vlmft/data/epochs.py); the resumed
     # run computes them again from the same data (the plan state refuses changed data)

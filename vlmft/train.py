@@ -232,7 +232,8 @@ def resume_point(recipe: Recipe, resume: str | None, force: bool, rank: int, wor
     resume_from = ckpt.resolve_resume(ckpt_dir, resume) if resume else None
     saved = ckpt.saved_state(resume_from) if resume_from else None
     if saved:
-        warnings, refusals = compare(saved["recipe"], to_dict(recipe), saved["world_size"], world)
+        warnings, refusals = compare(saved["recipe"], to_dict(recipe), saved["world_size"], world,
+                                     defaults=to_dict(Recipe()))
         if refusals and not force:
             raise RecipeError([f"resume from {resume_from}: {r}" for r in refusals]
                               + ["(these changes break exact resumption; pass --force to resume anyway)"])
@@ -264,6 +265,10 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     with ds.zero3_init(ds.ds_config(recipe, world)):  # ZeRO-3: partitioned as it is built
         model = load_model(recipe.model, recipe.engine.precision,  # in the training dtype (model.py)
                            lora.quantization(recipe.lora, recipe.engine.precision, targets))
+    # the adapters' random init depends on the seed alone, not on how much of the RNG loading
+    # drew (ZeRO-3's partitioned build draws; without this, ZeRO-2 and ZeRO-3 runs of one recipe
+    # started from lora_A matrices 140% apart: tests/test_lora_dist.py)
+    torch.manual_seed(recipe.train.seed)
     model = lora.apply(model, recipe.lora, targets)  # LoRA adapters in place (off: the model as is)
     note = attention_note(model, recipe.model.gradient_checkpointing, recipe.data.packing.enabled
                           and recipe.train.micro_batch_size * recipe.data.packing.max_packed_tokens)
