@@ -42,9 +42,7 @@ COMPARED = ("best_fit", "internvl", "next_fit")
 def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: int | None = None,
                world_size: int = 8) -> dict:
     """Plan and pack the recipe's data; return the statistics as plain JSON-able data."""
-    from .data import packing
     from .data.catalog import build_catalog
-    from .data.stream import packer_args
     from .model import load_processor
 
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, on_bad_sample="skip"))
@@ -59,44 +57,17 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
     order = np.random.default_rng(recipe.train.seed).permutation(len(cat.samples)).tolist()
     lengths = np.array([cat.samples[i].length for i in order], dtype=np.int64)
     tiles = np.array([cat.samples[i].tiles for i in order], dtype=np.int64)
-    limits, knobs = packer_args(recipe.data)
     total = int(lengths.sum())
-
-    def run(strategy: str, **kw) -> tuple[list[list[int]], float]:
-        if not len(lengths):
-            return [], 0.0
-        if strategy != "best_fit":
-            kw = {k: v for k, v in kw.items() if k != "compute"}
-        t = time.perf_counter()
-        packs = list(packing.pack(lengths, tiles, limits, strategy=strategy, **kw))
-        return packs, time.perf_counter() - t
-
-    strategies = {}
-    for name in COMPARED:
-        packs, secs = run(name, **knobs)
-        strategies[name] = _summary(packs, secs, total, cap)
-        if name == cfg.strategy:
-            main = packs
-    packs, secs = run("best_fit", window=max(len(lengths), 1))
-    strategies["offline_bfd"] = _summary(packs, secs, total, cap)
-    if not cfg.enabled:                       # one sample a row
-        main = [[i] for i in range(len(lengths))]
+    strategies, main = _compare_strategies(recipe.data, lengths, tiles, total)
     main_strategy = cfg.strategy if cfg.enabled else "none (packing.enabled=false)"
 
-    used = len(cat.samples)
     n = len(cat.records)
     ranks = _rank_balance(recipe, cat, world_size)
     return {
         "recipe_strategy": main_strategy,
         "max_packed_tokens": cap,
         "max_tiles_per_pack": max_tiles,
-        "num_samples": n,
-        "num_used": used,
-        "num_dropped": sum(cat.dropped.values()),
-        "dropped": dict(sorted(cat.dropped.items())),
-        "dropped_examples": {k: list(v) for k, v in sorted(cat.examples.items())},
-        "truncated": cat.truncated,
-        "truncated_examples": list(cat.truncated_examples),
+        **_sample_counts(cat),
         "total_tokens": total,
         "total_tiles": int(tiles.sum()),
         "supervised_tokens": sum(s.n_supervised for s in cat.samples),
@@ -115,6 +86,55 @@ def pack_stats(recipe: Recipe, limit: int = 0, progress: bool = False, workers: 
         "plan_seconds": round(plan_s, 3),
         "samples_per_second": n / plan_s if plan_s > 0 else 0.0,
     }
+
+
+def _sample_counts(cat) -> dict:
+    """Samples read, used and dropped (by reason, with examples), and truncated."""
+    return {
+        "num_samples": len(cat.records),
+        "num_used": len(cat.samples),
+        "num_dropped": sum(cat.dropped.values()),
+        "dropped": dict(sorted(cat.dropped.items())),
+        "dropped_examples": {k: list(v) for k, v in sorted(cat.examples.items())},
+        "truncated": cat.truncated,
+        "truncated_examples": list(cat.truncated_examples),
+    }
+
+
+def _compare_strategies(data, lengths: np.ndarray, tiles: np.ndarray,
+                        total: int) -> tuple[dict, list[list[int]]]:
+    """The same samples packed with each of COMPARED and with ``offline_bfd``: (summary by
+    strategy, the recipe's packs; one sample a row with packing disabled)."""
+    from .data.stream import packer_args
+
+    cfg = data.packing
+    cap = cfg.max_packed_tokens
+    limits, knobs = packer_args(data)
+    strategies = {}
+    for name in COMPARED:
+        packs, secs = _pack(lengths, tiles, limits, name, **knobs)
+        strategies[name] = _summary(packs, secs, total, cap)
+        if name == cfg.strategy:
+            main = packs
+    packs, secs = _pack(lengths, tiles, limits, "best_fit", window=max(len(lengths), 1))
+    strategies["offline_bfd"] = _summary(packs, secs, total, cap)
+    if not cfg.enabled:                       # one sample a row
+        main = [[i] for i in range(len(lengths))]
+    return strategies, main
+
+
+def _pack(lengths: np.ndarray, tiles: np.ndarray, limits, strategy: str,
+          **kw) -> tuple[list[list[int]], float]:
+    """The packs of ``strategy`` and the seconds packing took."""
+    from .data import packing
+
+    if not len(lengths):
+        return [], 0.0
+    if strategy != "best_fit":
+        kw = {k: v for k, v in kw.items() if k != "compute"}
+    t = time.perf_counter()
+    packs = list(packing.pack(lengths, tiles, limits, strategy=strategy, **kw))
+    return packs, time.perf_counter() - t
 
 
 def _rank_balance(recipe: Recipe, cat, world: int) -> dict:
@@ -209,11 +229,26 @@ class _Progress:
 def render(stats: dict):
     """A rich Group: summary, strategies side by side, drops, datasets, length histogram."""
     from rich.console import Group
+
+    parts = [_summary_table(stats), _strategies_table(stats)]
+    if stats["rank_balance"]["steps"]:
+        parts.append(_balance_table(stats["rank_balance"]))
+    if stats["dropped"] or stats["truncated"]:
+        parts.append(_drops_table(stats))
+    parts.append(_datasets_table(stats["per_dataset"]))
+    parts.append(histogram(stats["length_histogram"]))
+    return Group(*parts)
+
+
+def _over_lower_bound(s: dict) -> str:
+    lb = s["lower_bound_packs"]
+    return f"+{s['num_packs'] - lb} ({(s['num_packs'] / lb - 1) * 100:.2f}%)" if lb else "-"
+
+
+def _summary_table(s: dict):
     from rich.table import Table
 
-    s, cap = stats, stats["max_packed_tokens"]
-    lb = s["lower_bound_packs"]
-    over = f"+{s['num_packs'] - lb} ({(s['num_packs'] / lb - 1) * 100:.2f}%)" if lb else "-"
+    cap, lb = s["max_packed_tokens"], s["lower_bound_packs"]
     summary = Table(title="pack-stats", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
@@ -225,7 +260,7 @@ def render(stats: dict):
         ("image tiles", f"{s['total_tiles']:,}"),
         ("strategy", f"{s['recipe_strategy']}, {cap} tokens/pack"
                      + (f", <= {s['max_tiles_per_pack']} tiles" if s["max_tiles_per_pack"] else "")),
-        ("packs (lower bound)", f"{s['num_packs']:,} ({lb:,}, {over})"),
+        ("packs (lower bound)", f"{s['num_packs']:,} ({lb:,}, {_over_lower_bound(s)})"),
         ("fill ratio", f"{s['fill_ratio'] * 100:.3f}%"),
         ("padding tokens", f"{s['padding_tokens']:,}"),
         ("samples per pack", _fmt_dist(s["samples_per_pack"])),
@@ -234,7 +269,13 @@ def render(stats: dict):
     ]
     for k, v in rows:
         summary.add_row(k, v)
+    return summary
 
+
+def _strategies_table(s: dict):
+    from rich.table import Table
+
+    lb = s["lower_bound_packs"]
     strat = Table(title="strategies on the same samples", title_justify="left")
     for c in ("strategy", "packs", "vs lower bound", "fill", "padding tokens"):
         strat.add_column(c, justify="left" if c == "strategy" else "right")
@@ -242,42 +283,50 @@ def render(stats: dict):
         mark = " (recipe)" if name == s["recipe_strategy"] else ""
         strat.add_row(name + mark, f"{v['num_packs']:,}", f"+{v['num_packs'] - lb:,}",
                       f"{v['fill_ratio'] * 100:.3f}%", f"{v['padding_tokens']:,}")
+    return strat
 
-    parts = [summary, strat]
-    rb = s["rank_balance"]
-    if rb["steps"]:
-        bal = Table(title=f"per-rank compute per step, first round as training plans it: "
-                          f"{rb['world']} ranks x {rb['per_rank']} packs ({rb['steps']} steps; "
-                          f"slowest rank / mean rank, 1.0 = even)", title_justify="left",
-                    caption=f"steps holding a pack off the median cost by >1%: "
-                            f"{rb['steps_off_median'] * 100:.1f}%")
-        for c in ("deal", "mean over steps", "p99", "worst step"):
-            bal.add_column(c, justify="left" if c == "deal" else "right")
-        for name in ("balanced", "round_robin"):
-            v = rb[name]
-            bal.add_row(name, f"{v['max_over_mean']:.4f}", f"{v['p99']:.4f}", f"{v['worst']:.4f}")
-        parts.append(bal)
-    if s["dropped"] or s["truncated"]:
-        drops = Table(title="dropped samples", title_justify="left")
-        drops.add_column("reason")
-        drops.add_column("count", justify="right")
-        drops.add_column("first examples (file:line: detail)", overflow="fold")
-        for reason, count in s["dropped"].items():
-            drops.add_row(reason, f"{count:,}", "\n".join(s["dropped_examples"].get(reason, [])))
-        if s["truncated"]:
-            drops.add_row("truncated (kept)", f"{s['truncated']:,}", "\n".join(s["truncated_examples"]))
-        parts.append(drops)
+
+def _balance_table(rb: dict):
+    from rich.table import Table
+
+    bal = Table(title=f"per-rank compute per step, first round as training plans it: "
+                      f"{rb['world']} ranks x {rb['per_rank']} packs ({rb['steps']} steps; "
+                      f"slowest rank / mean rank, 1.0 = even)", title_justify="left",
+                caption=f"steps holding a pack off the median cost by >1%: "
+                        f"{rb['steps_off_median'] * 100:.1f}%")
+    for c in ("deal", "mean over steps", "p99", "worst step"):
+        bal.add_column(c, justify="left" if c == "deal" else "right")
+    for name in ("balanced", "round_robin"):
+        v = rb[name]
+        bal.add_row(name, f"{v['max_over_mean']:.4f}", f"{v['p99']:.4f}", f"{v['worst']:.4f}")
+    return bal
+
+
+def _drops_table(s: dict):
+    from rich.table import Table
+
+    drops = Table(title="dropped samples", title_justify="left")
+    drops.add_column("reason")
+    drops.add_column("count", justify="right")
+    drops.add_column("first examples (file:line: detail)", overflow="fold")
+    for reason, count in s["dropped"].items():
+        drops.add_row(reason, f"{count:,}", "\n".join(s["dropped_examples"].get(reason, [])))
+    if s["truncated"]:
+        drops.add_row("truncated (kept)", f"{s['truncated']:,}", "\n".join(s["truncated_examples"]))
+    return drops
+
+
+def _datasets_table(per_dataset: dict):
+    from rich.table import Table
 
     per = Table(title="datasets", title_justify="left")
     for c in ("dataset", "repeat", "read", "used", "dropped", "tokens", "mean length", "tiles"):
         per.add_column(c, justify="left" if c == "dataset" else "right")
-    for name, d in s["per_dataset"].items():
+    for name, d in per_dataset.items():
         per.add_row(name, f"{d['repeat_time']:g}", f"{d['num_samples']:,}", f"{d['num_used']:,}",
                     f"{sum(d['dropped'].values()):,}", f"{d['tokens']:,}", f"{d['mean_length']:.1f}",
                     f"{d['tiles']:,}")
-    parts.append(per)
-    parts.append(histogram(s["length_histogram"]))
-    return Group(*parts)
+    return per
 
 
 def histogram(bins: list[dict], width: int = 40):

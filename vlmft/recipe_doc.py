@@ -1,10 +1,10 @@
 """The recipe schema as documentation: ``vlmft recipe [SECTION]`` and ``vlmft recipe --init``.
 
-Both read the dataclasses of vlmft/recipe.py (types, defaults, choices) and the help text under
-each field (:func:`vlmft.recipe.field_docs`), so they cannot drift from what ``load`` accepts.
-:func:`starter` is a commented recipe: every key with its help text, the essential ones set
-(to the bundled demo, so the file loads as written from the repository root), every other one
-commented out at its default.
+Both read the dataclasses of vlmft/recipe_schema.py (types, defaults, choices) and the help text
+under each field (:func:`vlmft.recipe.field_docs`), so they cannot drift from what ``load``
+accepts. :func:`starter` is a commented recipe: every key with its help text, the essential ones
+set (to the bundled demo, so the file loads as written from the repository root), every other
+one commented out at its default.
 """
 
 from __future__ import annotations

@@ -1,135 +1,18 @@
-"""Recipe validation: the type walk over the schema and the checks on values.
+"""Recipe validation: the checks on the values of a well-typed recipe.
 
 Every problem is collected (never the first only) as ``key.path: message``; the caller
-(vlmft/recipe.py ``load``) adds file lines and raises one RecipeError. This module works on any
-schema dataclass and on the loaded recipe object it is handed; it imports neither torch nor
-vlmft.recipe (recipe.py imports it, never the other way round).
+(vlmft/recipe.py ``load``) runs the type walk first (vlmft/type_check.py), then
+:func:`semantic_checks`, adds file lines and raises one RecipeError. This module works on the
+loaded recipe object it is handed; it imports neither torch nor vlmft.recipe nor
+vlmft.recipe_schema (recipe.py imports it, never the other way round). :func:`semantic_checks`
+runs one check function per part of the recipe.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.util
 import os
-import re
-import typing
 from pathlib import Path
-from typing import Any
-
-import yaml
-
-
-def yaml_lines(path: Path) -> dict[str, int]:
-    """key.path -> 1-based line in the YAML file, for error messages."""
-    out: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                out[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                out[f"{prefix}[{i}]"] = v.start_mark.line + 1
-                walk(v, f"{prefix}[{i}]")
-
-    try:
-        walk(yaml.compose(path.read_text()), "")
-    except yaml.YAMLError:
-        pass
-    return out
-
-
-def bracketed(key: str) -> str:
-    """``data.datasets.0.path`` -> ``data.datasets[0].path`` (how errors and lines name keys)."""
-    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
-
-
-def override_problem(override: str, raw: dict, exc: Exception) -> str:
-    """One line for an override OmegaConf could not apply: an index past a list's end, a list
-    addressed by name, or OmegaConf's own first line."""
-    key = override.split("=", 1)[0]
-    node, path = raw, []
-    for part in re.split(r"\.|\[|\]\.?", key.lstrip("+~")):
-        if isinstance(node, list):
-            where = ".".join(path)
-            if not part.isdigit():
-                return f"{key}: {where} is a list; address an item by its index, e.g. {where}.0"
-            if int(part) >= len(node):
-                return (f"{key}: {where} has {len(node)} item(s) (indices from 0); to add one, "
-                        f"give the whole list: {where}=[{{...}}, {{...}}]")
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            break
-        path.append(part)
-    return f"{override}: cannot apply this override: {str(exc).splitlines()[0]}"
-
-
-def _check_value(value, tp, key: str, errors: list[str]):
-    """Check ``value`` against the annotation ``tp``; recurse into dataclasses, lists and dicts."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # e.g. int or str ("auto"): the value must fit one of them
-        trials = [[] for _ in typing.get_args(tp)]
-        for t, errs in zip(typing.get_args(tp), trials):
-            _check_value(value, t, key, errs)
-        if all(trials):
-            names = " or ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(tp))
-            errors.append(f"{key}: expected {names}, got {value!r}")
-        return
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-            return
-        check_section(value, tp, key, errors)
-    elif origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{key}: expected a list, got {value!r}")
-            return
-        (item_tp,) = typing.get_args(tp)
-        for i, v in enumerate(value):
-            _check_value(v, item_tp, f"{key}[{i}]", errors)
-    elif origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping, got {value!r}")
-            return
-        _, val_tp = typing.get_args(tp)
-        if val_tp is not Any:
-            for k, v in value.items():
-                _check_value(v, val_tp, f"{key}.{k}", errors)
-    elif tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{key}: expected true or false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{key}: expected an integer, got {value!r}")
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{key}: expected a number, got {value!r}")
-    elif tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-
-
-def check_section(raw: dict, cls: type, prefix: str, errors: list[str]):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in raw.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields:
-            close = difflib.get_close_matches(str(k), fields, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
-            errors.append(f"{key}: unknown key; {hint}")
-            continue
-        f = fields[k]
-        before = len(errors)
-        _check_value(v, hints[k], key, errors)
-        choices = f.metadata.get("choices")
-        if choices and len(errors) == before and v not in choices:
-            errors.append(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _balance_checks(d, e: list[str]) -> None:
@@ -272,22 +155,40 @@ def _lora_checks(r, e: list[str]) -> None:
                      "not partitioned); set engine.zero_stage=2")
 
 
+def _positive(e: list[str], key: str, v, allow_zero: bool = False) -> None:
+    if v < 0 or (v == 0 and not allow_zero):
+        e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
 def semantic_checks(r) -> list[str]:
     """Checks on the values of a well-typed recipe (a vlmft.recipe.Recipe): ranges, files that
     must exist, a writable output_dir, combinations."""
     e = []
-
-    def positive(key, v, allow_zero=False):
-        if v < 0 or (v == 0 and not allow_zero):
-            e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
-
     e += model_problems(r.model.name_or_path)
     problem = output_dir_problem(r.output_dir)
     if problem:
         e.append(f"output_dir: {problem}")
-    if not r.data.datasets:
+    _dataset_checks(r.data.datasets, e)
+    _packing_checks(r.data.packing, e)
+    _balance_checks(r.data, e)
+    _eval_checks(r, e)
+    _data_checks(r.data, r.model.attn_implementation, e)
+    _positive(e, "loss.chunk_size", r.loss.chunk_size)
+    _optim_checks(r.optim, e)
+    _train_checks(r.schedule, r.train, e)
+    _engine_checks(r.engine, e)
+    _lora_checks(r, e)
+    _positive(e, "checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
+    _positive(e, "checkpoint.keep_last", r.checkpoint.keep_last)
+    _positive(e, "log.every_steps", r.log.every_steps)
+    return e
+
+
+def _dataset_checks(datasets, e: list[str]) -> None:
+    """data.datasets: at least one, files and folders that exist, repeat_time and loss_weight."""
+    if not datasets:
         e.append("data.datasets: at least one dataset is required, e.g. - path: data/train.jsonl")
-    for i, d in enumerate(r.data.datasets):
+    for i, d in enumerate(datasets):
         key = f"data.datasets[{i}]"
         if not d.path:
             e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
@@ -295,88 +196,107 @@ def semantic_checks(r) -> list[str]:
             e.append(f"{key}.path: file '{d.path}' not found (relative paths are from {os.getcwd()})")
         if d.image_root and not Path(d.image_root).expanduser().is_dir():
             e.append(f"{key}.image_root: folder '{d.image_root}' not found")
-        positive(f"{key}.repeat_time", d.repeat_time)
-        positive(f"{key}.loss_weight", d.loss_weight, allow_zero=True)
-    p = r.data.packing
-    positive("data.packing.max_packed_tokens", p.max_packed_tokens)
-    positive("data.packing.max_buffer_size", p.max_buffer_size)
-    positive("data.packing.window", p.window)
-    positive("data.packing.num_images_expected", p.num_images_expected, allow_zero=True)
+        _positive(e, f"{key}.repeat_time", d.repeat_time)
+        _positive(e, f"{key}.loss_weight", d.loss_weight, allow_zero=True)
+
+
+def _packing_checks(p, e: list[str]) -> None:
+    """data.packing's sizes and min_active_tokens_ratio (its knobs: :func:`_balance_checks`)."""
+    _positive(e, "data.packing.max_packed_tokens", p.max_packed_tokens)
+    _positive(e, "data.packing.max_buffer_size", p.max_buffer_size)
+    _positive(e, "data.packing.window", p.window)
+    _positive(e, "data.packing.num_images_expected", p.num_images_expected, allow_zero=True)
     if not 0.0 <= p.min_active_tokens_ratio <= 1.0:
         e.append("data.packing.min_active_tokens_ratio: must be in [0, 1]")
-    _balance_checks(r.data, e)
-    _eval_checks(r, e)
-    if not 0.0 <= r.data.max_bad_fraction <= 1.0:
+
+
+def _data_checks(d, attn_implementation: str, e: list[str]) -> None:
+    """The rest of data: the bad-sample limit, workers, packing with the attention kernel,
+    prefetch, the mixture, the compute model."""
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
         e.append("data.max_bad_fraction: must be in [0, 1]")
-    if isinstance(r.data.num_workers, str) and r.data.num_workers != "auto":
-        e.append(f"data.num_workers: expected a number of workers or auto, got {r.data.num_workers!r}")
-    elif isinstance(r.data.num_workers, int):
-        positive("data.num_workers", r.data.num_workers, allow_zero=True)
-    if r.model.attn_implementation == "eager" and r.data.packing.enabled:
+    if isinstance(d.num_workers, str) and d.num_workers != "auto":
+        e.append(f"data.num_workers: expected a number of workers or auto, got {d.num_workers!r}")
+    elif isinstance(d.num_workers, int):
+        _positive(e, "data.num_workers", d.num_workers, allow_zero=True)
+    if attn_implementation == "eager" and d.packing.enabled:
         e.append("model.attn_implementation: eager with packed rows builds a (heads, L, L) attention matrix "
                  "per layer and a dense L x L mask; use auto, sdpa or flex_attention (vlmft/attention.py), or "
                  "data.packing.enabled=false")
-    positive("data.prefetch_steps", r.data.prefetch_steps)
-    positive("data.temperature", r.data.temperature)
-    positive("data.temperature_end", r.data.temperature_end)
-    if r.data.mixture == "size":
-        for k, v, default in (("temperature", r.data.temperature, 1.0),
-                              ("temperature_schedule", r.data.temperature_schedule, "constant"),
-                              ("temperature_end", r.data.temperature_end, 1.0)):
+    _positive(e, "data.prefetch_steps", d.prefetch_steps)
+    _mixture_checks(d, e)
+    _positive(e, "data.round_size", d.round_size, allow_zero=True)
+    _positive(e, "data.attention_cost_length", d.attention_cost_length)
+    _positive(e, "data.tile_cost", d.tile_cost, allow_zero=True)
+    _positive(e, "data.max_tiles_per_image", d.max_tiles_per_image, allow_zero=True)
+
+
+def _mixture_checks(d, e: list[str]) -> None:
+    """data.temperature*: positive, and only set where the mixture and schedule use them."""
+    _positive(e, "data.temperature", d.temperature)
+    _positive(e, "data.temperature_end", d.temperature_end)
+    if d.mixture == "size":
+        for k, v, default in (("temperature", d.temperature, 1.0),
+                              ("temperature_schedule", d.temperature_schedule, "constant"),
+                              ("temperature_end", d.temperature_end, 1.0)):
             if v != default:
                 e.append(f"data.{k}: only used with data.mixture=temperature (mixture is size)")
-    elif r.data.temperature_schedule == "constant" and r.data.temperature_end != 1.0:
+    elif d.temperature_schedule == "constant" and d.temperature_end != 1.0:
         e.append("data.temperature_end: only used with data.temperature_schedule=linear")
-    positive("data.round_size", r.data.round_size, allow_zero=True)
-    positive("data.attention_cost_length", r.data.attention_cost_length)
-    positive("data.tile_cost", r.data.tile_cost, allow_zero=True)
-    positive("data.max_tiles_per_image", r.data.max_tiles_per_image, allow_zero=True)
-    positive("loss.chunk_size", r.loss.chunk_size)
-    positive("optim.lr", r.optim.lr)
-    positive("optim.weight_decay", r.optim.weight_decay, allow_zero=True)
-    positive("optim.eps", r.optim.eps)
-    if len(r.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.optim.betas):
-        e.append(f"optim.betas: expected two numbers in [0, 1), got {r.optim.betas}")
+
+
+def _optim_checks(o, e: list[str]) -> None:
+    """The optim section: lr, weight decay, AdamW's betas and eps, layer decay, multipliers,
+    frozen vision layers."""
+    _positive(e, "optim.lr", o.lr)
+    _positive(e, "optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive(e, "optim.eps", o.eps)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        e.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
     for tower in ("vision", "language"):
-        v = getattr(r.optim.layer_decay, tower)
+        v = getattr(o.layer_decay, tower)
         if not 0.0 < v <= 1.0:
             e.append(f"optim.layer_decay.{tower}: must be in (0, 1], got {v}")
-    for pat, mult in r.optim.lr_multipliers.items():
-        positive(f"optim.lr_multipliers.{pat}", mult, allow_zero=True)
-    positive("optim.freeze.vision_first_layers", r.optim.freeze.vision_first_layers, allow_zero=True)
-    positive("optim.freeze.vision_last_layers", r.optim.freeze.vision_last_layers, allow_zero=True)
-    positive("schedule.warmup_steps", r.schedule.warmup_steps, allow_zero=True)
-    if not 0.0 <= r.schedule.min_lr_ratio <= 1.0:
+    for pat, mult in o.lr_multipliers.items():
+        _positive(e, f"optim.lr_multipliers.{pat}", mult, allow_zero=True)
+    _positive(e, "optim.freeze.vision_first_layers", o.freeze.vision_first_layers, allow_zero=True)
+    _positive(e, "optim.freeze.vision_last_layers", o.freeze.vision_last_layers, allow_zero=True)
+
+
+def _train_checks(s, t, e: list[str]) -> None:
+    """The schedule and train sections: warmup, final LR, steps or epochs, batch sizes."""
+    _positive(e, "schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
         e.append("schedule.min_lr_ratio: must be in [0, 1]")
-    positive("train.epochs", r.train.epochs, allow_zero=True)
-    if r.train.epochs > 0 and r.train.max_steps > 0:
+    _positive(e, "train.epochs", t.epochs, allow_zero=True)
+    if t.epochs > 0 and t.max_steps > 0:
         e.append("train.epochs: set either train.max_steps or train.epochs, not both")
-    elif not r.train.epochs > 0:
-        positive("train.max_steps", r.train.max_steps)
-    positive("train.micro_batch_size", r.train.micro_batch_size)
-    positive("train.grad_accum_steps", r.train.grad_accum_steps)
-    positive("train.max_nonfinite_steps", r.train.max_nonfinite_steps)
-    positive("engine.gradient_clipping", r.engine.gradient_clipping, allow_zero=True)
-    if r.engine.offload_params and r.engine.zero_stage != 3:
+    elif not t.epochs > 0:
+        _positive(e, "train.max_steps", t.max_steps)
+    _positive(e, "train.micro_batch_size", t.micro_batch_size)
+    _positive(e, "train.grad_accum_steps", t.grad_accum_steps)
+    _positive(e, "train.max_nonfinite_steps", t.max_nonfinite_steps)
+
+
+def _engine_checks(en, e: list[str]) -> None:
+    """The engine section: clipping, offload with the ZeRO stage, and the DeepSpeed keys vlmft
+    sets itself."""
+    _positive(e, "engine.gradient_clipping", en.gradient_clipping, allow_zero=True)
+    if en.offload_params and en.zero_stage != 3:
         e.append("engine.offload_params: needs engine.zero_stage=3")
-    if r.engine.offload_optimizer and r.engine.zero_stage == 0:
+    if en.offload_optimizer and en.zero_stage == 0:
         e.append("engine.offload_optimizer: needs engine.zero_stage >= 1")
     for k in ("optimizer", "scheduler"):
-        if k in r.engine.deepspeed:
+        if k in en.deepspeed:
             e.append(f"engine.deepspeed.{k}: vlmft builds the {k} itself (parameter groups with "
                      f"no-decay and layer-wise LR); remove this block and use optim.* / schedule.*")
-    if "stage" in (r.engine.deepspeed.get("zero_optimization") or {}):
+    if "stage" in (en.deepspeed.get("zero_optimization") or {}):
         e.append("engine.deepspeed.zero_optimization.stage: set by vlmft from engine.zero_stage; remove it "
                  "and use engine.zero_stage")
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if k in r.engine.deepspeed:
+        if k in en.deepspeed:
             e.append(f"engine.deepspeed.{k}: set by vlmft from train.*; remove it and use "
                      "train.micro_batch_size / train.grad_accum_steps")
-    _lora_checks(r, e)
-    positive("checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
-    positive("checkpoint.keep_last", r.checkpoint.keep_last)
-    positive("log.every_steps", r.log.every_steps)
-    return e
 
 
 def model_problems(name: str) -> list[str]:

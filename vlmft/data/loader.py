@@ -147,66 +147,15 @@ class StepLoader:
     # ------------------------------------------------------------------ with workers
 
     def _workers(self):
-        from torch.utils.data import DataLoader
-
         first, last = self.step, self.recipe.train.max_steps
         if first >= last:
             return
         total = (last - first) * self.gas            # task t = micro-batch t % gas of step first + t // gas
         ahead = max(self.recipe.data.prefetch_steps * self.gas, self.workers + 1)
-        cond = threading.Condition()
-        st = {"issued": 0, "received": 0, "consumed": 0, "error": None, "stop": False, "done": False}
-        buf: dict[int, tuple] = {}
-
-        def tasks():                                  # runs inside the DataLoader, on the pump thread
-            cache = (None, None)
-            while st["issued"] < total:
-                t = st["issued"]
-                if t >= st["consumed"] + ahead or st["stop"]:
-                    yield _WAIT
-                    continue
-                step, m = first + t // self.gas, t % self.gas
-                if cache[0] != step:
-                    cache = (step, self.micro_batches(step))
-                st["issued"] += 1
-                yield t, cache[1][m]
-
-        gen = tasks()
-        kw = dict(batch_size=None, sampler=gen, num_workers=self.workers,
-                  prefetch_factor=1, collate_fn=_identity, pin_memory=_cuda())
-        try:
-            dl = DataLoader(_Tasks(self.recipe, self.catalog, self.processor), in_order=False, **kw)
-        except TypeError:   # torch < 2.6: results in task order (slower after a slow task, same data)
-            dl = DataLoader(_Tasks(self.recipe, self.catalog, self.processor), **kw)
+        feed = _Feed(total, ahead)
+        dl = self._data_loader(feed.tasks(first, self.gas, self.micro_batches))
         it = iter(dl)                                 # workers start here, in the caller's thread
-
-        def pump():
-            try:
-                while True:
-                    with cond:   # nothing useful to receive while throttled: sleep until consumed
-                        while (not st["stop"] and st["received"] == st["issued"]
-                               and st["issued"] >= st["consumed"] + ahead):
-                            cond.wait()
-                        if st["stop"] or st["received"] == total:
-                            break
-                    item = next(it)
-                    if item == _WAIT:
-                        continue
-                    with cond:
-                        buf[item[0]] = item
-                        st["received"] += 1
-                        cond.notify_all()
-            except StopIteration:
-                pass
-            except BaseException as exc:  # a worker's error: re-raised in the training loop
-                with cond:
-                    st["error"] = exc
-            finally:
-                with cond:
-                    st["done"] = True
-                    cond.notify_all()
-
-        thread = threading.Thread(target=pump, name="vlmft-data", daemon=True)
+        thread = threading.Thread(target=feed.pump, args=(it,), name="vlmft-data", daemon=True)
         thread.start()
         try:
             for step in range(first, last):
@@ -214,14 +163,7 @@ class StepLoader:
                 t0 = time.perf_counter()
                 batches = []
                 for t in range(base, base + self.gas):
-                    with cond:
-                        while t not in buf and st["error"] is None and not st["done"]:
-                            cond.wait()
-                        if t not in buf:
-                            raise st["error"] or RuntimeError("data workers stopped early")
-                        _, batch, bad = buf.pop(t)
-                        st["consumed"] = t + 1
-                        cond.notify_all()
+                    batch, bad = feed.take(t)
                     for reason, where, detail in bad:
                         self.catalog.drop(reason, where, detail)
                     batches.append(batch)
@@ -229,9 +171,92 @@ class StepLoader:
                 self.step = step + 1
                 yield step, batches, wait
         finally:
-            with cond:
-                st["stop"] = True
-                cond.notify_all()
+            feed.stop()
+
+    def _data_loader(self, sampler):
+        """The DataLoader that runs ``sampler``'s tasks on this rank's workers, results as they
+        finish."""
+        from torch.utils.data import DataLoader
+
+        kw = dict(batch_size=None, sampler=sampler, num_workers=self.workers,
+                  prefetch_factor=1, collate_fn=_identity, pin_memory=_cuda())
+        try:
+            return DataLoader(_Tasks(self.recipe, self.catalog, self.processor), in_order=False, **kw)
+        except TypeError:   # torch < 2.6: results in task order (slower after a slow task, same data)
+            return DataLoader(_Tasks(self.recipe, self.catalog, self.processor), **kw)
+
+
+class _Feed:
+    """What the task generator, the pump thread and the training loop share: counts of tasks
+    issued, received and consumed under one condition, and the reorder buffer (task -> result).
+    At most ``ahead`` tasks are issued past the last one consumed."""
+
+    def __init__(self, total: int, ahead: int):
+        self.total, self.ahead = total, ahead
+        self.cond = threading.Condition()
+        self.issued = self.received = self.consumed = 0
+        self.error: BaseException | None = None
+        self.stopped = self.done = False
+        self.buf: dict[int, tuple] = {}
+
+    def tasks(self, first: int, gas: int, micro_batches):
+        """The DataLoader's sampler (runs on the pump thread): task (t, packs), or _WAIT while
+        the workers are far enough ahead or after :meth:`stop`."""
+        cache = (None, None)
+        while self.issued < self.total:
+            t = self.issued
+            if t >= self.consumed + self.ahead or self.stopped:
+                yield _WAIT
+                continue
+            step, m = first + t // gas, t % gas
+            if cache[0] != step:
+                cache = (step, micro_batches(step))
+            self.issued += 1
+            yield t, cache[1][m]
+
+    def pump(self, it) -> None:
+        """The background thread: move the DataLoader's results into the reorder buffer."""
+        try:
+            while True:
+                with self.cond:   # nothing useful to receive while throttled: sleep until consumed
+                    while (not self.stopped and self.received == self.issued
+                           and self.issued >= self.consumed + self.ahead):
+                        self.cond.wait()
+                    if self.stopped or self.received == self.total:
+                        break
+                item = next(it)
+                if item == _WAIT:
+                    continue
+                with self.cond:
+                    self.buf[item[0]] = item
+                    self.received += 1
+                    self.cond.notify_all()
+        except StopIteration:
+            pass
+        except BaseException as exc:  # a worker's error: re-raised in the training loop
+            with self.cond:
+                self.error = exc
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    def take(self, t: int) -> tuple:
+        """Task ``t``'s (micro-batch, bad log), waiting for it; raises a worker's error."""
+        with self.cond:
+            while t not in self.buf and self.error is None and not self.done:
+                self.cond.wait()
+            if t not in self.buf:
+                raise self.error or RuntimeError("data workers stopped early")
+            _, batch, bad = self.buf.pop(t)
+            self.consumed = t + 1
+            self.cond.notify_all()
+        return batch, bad
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
 
 
 def _cuda() -> bool:
