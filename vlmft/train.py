@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .forward import LossModule, model_inputs, to_device
 from .metrics import Metrics, peak_flops, wandb_settings
 from .mfu import model_flops
 from .model import attention_note, family, family_problems, load_config, load_model, load_processor
+from .preemption import Preemption
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
 
@@ -101,13 +101,7 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
     collective of ours is the all-reduce of the logged loss, which overlaps the optimizer step.
     With ``n_datasets`` the batches carry ``sample_dataset`` and the logged loss is also split
     per training dataset (its parts of S and W ride in the same two all-reduces).
-
-    Finite guard: a step whose global gradient norm is not finite (a NaN or inf loss on any
-    rank makes it so) changes no weight and no optimizer state on any rank: ZeRO 1-3 find it in
-    the norm they all-reduce for clipping and skip the update everywhere (no new collective);
-    without ZeRO the gradients are already averaged after the last backward, so every rank sees
-    the same non-finite value and drops them before the step. The LR schedule moves on, as for
-    an empty step.
+    A step whose gradient is not finite is skipped everywhere (:func:`_optimizer_step`).
     """
     dev = eng.device
     weights, counts = step_counts(batches, recipe.loss.reduction, stop, dev, n_datasets)
@@ -142,13 +136,7 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
             import torch.distributed as dist
 
             pending = dist.all_reduce(parts if n_datasets else s_sum, op=dist.ReduceOp.SUM, async_op=True)
-        if last and recipe.engine.zero_stage == 0 and not _grads_finite(module.model):
-            module.model.zero_grad(set_to_none=True)  # the optimizer then updates nothing
-            eng.step()
-            applied = False
-        else:
-            eng.step()
-            applied = eng.was_step_applied() if last else True
+        applied = _optimizer_step(eng, module.model, recipe.engine.zero_stage, last)
     if pending is not None:
         pending.wait()
     if not applied:
@@ -158,29 +146,26 @@ def train_step(eng, batches: list[dict], recipe: Recipe, world: int, stop: bool 
                       nonfinite=not applied, dataset_sums=parts[1:].tolist(), dataset_weights=w_ds)
 
 
+def _optimizer_step(eng, model: nn.Module, zero_stage: int, last: bool) -> bool:
+    """DeepSpeed's step after a micro-batch's backward (the update itself after the last one);
+    whether the update went in.
+
+    Finite guard: a step whose global gradient norm is not finite (a NaN or inf loss on any
+    rank makes it so) changes no weight and no optimizer state on any rank: ZeRO 1-3 find it in
+    the norm they all-reduce for clipping and skip the update everywhere (no new collective);
+    without ZeRO the gradients are already averaged after the last backward, so every rank sees
+    the same non-finite value and drops them before the step. The LR schedule moves on, as for
+    an empty step (train_step)."""
+    if last and zero_stage == 0 and not _grads_finite(model):
+        model.zero_grad(set_to_none=True)  # the optimizer then updates nothing
+        eng.step()
+        return False
+    eng.step()
+    return eng.was_step_applied() if last else True
+
+
 def _grads_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-
-
-class _Preemption:
-    """SIGTERM/SIGINT set a flag; train_step sums it over ranks with its step counts (no extra
-    collective), and every rank saves at the end of that step and exits 0."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test thread)
-                pass
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # ------------------------------------------------------------------------------------------
@@ -306,7 +291,7 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
 
 
 def loop(run: Run) -> None:
-    recipe, preempt = run.recipe, _Preemption()
+    recipe, preempt = run.recipe, Preemption()
     t0 = time.perf_counter()
     try:
         for step, batches, t_data in run.loader:
