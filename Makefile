@@ -30,7 +30,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Everything but the multi-process tests (torchrun + DeepSpeed): about 50 s here.
+# Everything but the multi-process tests (torchrun + DeepSpeed): about 3 min here.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -31,15 +31,10 @@ def check(recipe: Recipe, samples: int = 16, tolerance: float = TOLERANCE) -> di
     whose data has no usable sample."""
     from .data.catalog import build_catalog
     from .data.stream import Materializer
-    from .model import family, family_problems, load_config, load_model, load_processor
+    from .model import load_family, load_model
     from .recipe import RecipeError
 
-    config = load_config(recipe.model)
-    fam = family(recipe.model, config)
-    problems = family_problems(fam, recipe.data)
-    if problems:
-        raise RecipeError(problems)
-    processor = load_processor(recipe.model, config)
+    config, fam, processor = load_family(recipe.model, recipe.data)
     catalog = build_catalog(recipe, processor, limit=max(4 * samples, 32), workers=1)
     refs = list(range(min(samples, len(catalog.samples))))
     if not refs:

@@ -42,6 +42,17 @@ def family_problems(fam: Family, data) -> list[str]:
     return out
 
 
+def load_family(cfg: ModelConfig, data) -> tuple:
+    """(HF config, family, processor) of a recipe's model, before any weight is read; RecipeError
+    when the family cannot train on this data config (:func:`family_problems`)."""
+    config = load_config(cfg)
+    fam = family(cfg, config)
+    problems = family_problems(fam, data)
+    if problems:
+        raise RecipeError(problems)
+    return config, fam, load_processor(cfg, config)
+
+
 def load_processor(cfg: ModelConfig, config=None):
     """The model's own processor (chat template, image tiling, image-token expansion)."""
     config = config or load_config(cfg)

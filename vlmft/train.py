@@ -36,7 +36,7 @@ from .distributed import init as init_distributed
 from .forward import LossModule, model_inputs, to_device
 from .metrics import Metrics, peak_flops, wandb_settings
 from .mfu import model_flops
-from .model import attention_note, family, family_problems, load_config, load_model, load_processor
+from .model import attention_note, load_family, load_model
 from .preemption import Preemption
 from .recipe import Recipe, RecipeError, to_dict, to_yaml
 from .resume import compare
@@ -229,12 +229,7 @@ def resume_point(recipe: Recipe, resume: str | None, force: bool, rank: int, wor
 
 
 def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
-    config = load_config(recipe.model)
-    fam = family(recipe.model, config)
-    problems = family_problems(fam, recipe.data)
-    if problems:
-        raise RecipeError(problems)
-    processor = load_processor(recipe.model, config)
+    _, fam, processor = load_family(recipe.model, recipe.data)
     catalog = build_catalog(recipe, processor)  # before the weights: bad data fails fast
     # nothing dropped silently: the drop table, then the per-dataset budget (vlmft/data/drops.py)
     if rank == 0 and drops.table_lines(catalog):

@@ -73,12 +73,7 @@ def _eval_checks(r, e: list[str]) -> None:
     d, ev = r.data, r.eval
     for i, x in enumerate(d.eval):
         key = f"data.eval[{i}]"
-        if not x.path:
-            e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
-        elif not Path(x.path).expanduser().is_file():
-            e.append(f"{key}.path: file '{x.path}' not found (relative paths are from {os.getcwd()})")
-        if x.image_root and not Path(x.image_root).expanduser().is_dir():
-            e.append(f"{key}.image_root: folder '{x.image_root}' not found")
+        _entry_files(e, key, x)
     if not d.eval:
         e += [f"eval.{k}: only used with evaluation datasets (data.eval); add data.eval or remove it"
               for k, v in EVAL_DEFAULTS.items() if getattr(ev, k) != v]
@@ -155,6 +150,16 @@ def _lora_checks(r, e: list[str]) -> None:
                      "not partitioned); set engine.zero_stage=2")
 
 
+def _entry_files(e: list[str], key: str, entry) -> None:
+    """A dataset entry's file and image folder exist (data.datasets and data.eval alike)."""
+    if not entry.path:
+        e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
+    elif not Path(entry.path).expanduser().is_file():
+        e.append(f"{key}.path: file '{entry.path}' not found (relative paths are from {os.getcwd()})")
+    if entry.image_root and not Path(entry.image_root).expanduser().is_dir():
+        e.append(f"{key}.image_root: folder '{entry.image_root}' not found")
+
+
 def _positive(e: list[str], key: str, v, allow_zero: bool = False) -> None:
     if v < 0 or (v == 0 and not allow_zero):
         e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
@@ -190,12 +195,7 @@ def _dataset_checks(datasets, e: list[str]) -> None:
         e.append("data.datasets: at least one dataset is required, e.g. - path: data/train.jsonl")
     for i, d in enumerate(datasets):
         key = f"data.datasets[{i}]"
-        if not d.path:
-            e.append(f"{key}.path: required: a conversation JSONL or an InternVL meta JSON")
-        elif not Path(d.path).expanduser().is_file():
-            e.append(f"{key}.path: file '{d.path}' not found (relative paths are from {os.getcwd()})")
-        if d.image_root and not Path(d.image_root).expanduser().is_dir():
-            e.append(f"{key}.image_root: folder '{d.image_root}' not found")
+        _entry_files(e, key, d)
         _positive(e, f"{key}.repeat_time", d.repeat_time)
         _positive(e, f"{key}.loss_weight", d.loss_weight, allow_zero=True)
 
