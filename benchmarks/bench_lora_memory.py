@@ -2,9 +2,9 @@
 
     python benchmarks/bench_lora_memory.py            # launches torchrun itself, prints a table
 
-The model is the demo's InternVL layout with a wider, deeper language model (hidden 768, 12
-layers, MLP 3072: about 100M parameters, built from a config with random weights in a temporary
-folder, with the demo's processor). Each worker builds it as ``vlmft train`` does (lora.resolve
+The model is the demo model's layout (demo/model) with a wider, deeper language model
+(hidden 768, 12 layers, MLP 3072: about 100M parameters, built from a config with random
+weights in a temporary folder, with the demo's processor). Each worker builds it as ``vlmft train`` does (lora.resolve
 on the meta model, load, lora.apply, vlmft's parameter groups, vlmft.engine.initialize), takes
 three optimizer steps on 512-token rows, and reports from DeepSpeed's own partitions the fp32
 master and AdamW state elements this rank holds, and the process's peak resident memory

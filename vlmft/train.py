@@ -245,9 +245,9 @@ def build(recipe: Recipe, rank: int, world: int, resume_from, saved) -> Run:
     with ds.zero3_init(ds.ds_config(recipe, world)):  # ZeRO-3: partitioned as it is built
         model = load_model(recipe.model, recipe.engine.precision,  # in the training dtype (model.py)
                            lora.quantization(recipe.lora, recipe.engine.precision, targets))
-    # the adapters' random init depends on the seed alone, not on how much of the RNG loading
-    # drew (ZeRO-3's partitioned build draws; without this, ZeRO-2 and ZeRO-3 runs of one recipe
-    # started from lora_A matrices 140% apart: tests/test_lora_dist.py)
+    # what is random from here on (LoRA's init, dropout) depends on the seed alone, not on how
+    # much of the RNG loading drew (ZeRO-3's partitioned build draws; without this, ZeRO-2 and
+    # ZeRO-3 runs of one recipe started from lora_A matrices 140% apart: tests/test_lora_dist.py)
     torch.manual_seed(recipe.train.seed)
     model = lora.apply(model, recipe.lora, targets)  # LoRA adapters in place (off: the model as is)
     note = attention_note(model, recipe.model.gradient_checkpointing, recipe.data.packing.enabled
