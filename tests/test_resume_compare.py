@@ -40,3 +40,13 @@ def test_free_keys_split_and_global_batch():
     assert len(refusals) == 1 and refusals[0].startswith("global batch")
     lr = to_dict(load(DEMO, ["output_dir=x", "optim.lr=0.5"]))
     assert [r.split(":")[0] for r in compare(saved, lr, 1, 1)[1]] == ["optim.lr"]
+
+
+def test_zero3_onto_another_world_size_is_refused_zero2_is_not():
+    for stage, refused in ((2, False), (3, True)):
+        saved = to_dict(load(DEMO, ["output_dir=x", f"engine.zero_stage={stage}", "train.grad_accum_steps=2"]))
+        now = to_dict(load(DEMO, ["output_dir=x", f"engine.zero_stage={stage}", "train.grad_accum_steps=4"]))
+        warnings, refusals = compare(saved, now, 2, 1)
+        assert bool(refusals) == refused and bool(warnings) != refused, (stage, warnings, refusals)
+        if refused:
+            assert refusals[0].startswith("world size 2 -> 1 under ZeRO-3")
