@@ -78,7 +78,7 @@ def stock_inputs(family: str, processor, record: dict, root: str) -> dict:
         out = processor(text=[prompt], images=imgs, suffix=[answer], return_tensors="pt")
         out.pop("labels", None)
     else:
-        text = chat._slow_render(processor, msgs)
+        text = chat.template_text(processor, msgs)
         out = processor(text=[text], images=imgs, return_tensors="pt", add_special_tokens=False)
     out.pop("attention_mask", None)
     return dict(out)

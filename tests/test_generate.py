@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 def greedy_without_cache(model, processor, msgs, paths, stop: set[int]) -> list[int]:
     from PIL import Image
 
-    text = chat._slow_render(processor, msgs, True)     # the template's own generation prompt
+    text = chat.template_text(processor, msgs, True)     # the template's own generation prompt
     imgs = [Image.open(p).convert("RGB") for p in paths] or None
     inputs = dict(processor(text=[text], images=imgs, return_tensors="pt", add_special_tokens=False))
     n = inputs["input_ids"].shape[1]

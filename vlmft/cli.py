@@ -53,6 +53,15 @@ def _note(line: str) -> None:
         err.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
+def _set_up(model: str, **kw) -> None:
+    """vlmft/runtime.py's set-up for a command that loads ``model`` (its keywords: ``threads``,
+    ``distributed``); its notes go to stderr."""
+    from . import runtime
+
+    for note in runtime.setup(model, **kw):
+        _note(note)
+
+
 @contextlib.contextmanager
 def _user_errors(model: str = ""):
     """Errors the user can fix -> one line, exit 2: recipe and data problems (RecipeError,
@@ -99,15 +108,14 @@ def train(
                                    "(its checkpoints, final model and metrics are deleted)."),
 ):
     """Train on one process, or one per GPU under torchrun / the deepspeed launcher."""
-    from . import run_dir, runtime
+    from . import run_dir
 
     r = _load(recipe, overrides)
     refusal = run_dir.refusal(r.output_dir, resume, overwrite) or run_dir.create(r.output_dir)
     if refusal:
         _fail([refusal])
     with _user_errors(r.model.name_or_path):
-        for note in runtime.setup(r.model.name_or_path, threads=True, distributed=True):
-            _note(note)
+        _set_up(r.model.name_or_path, threads=True, distributed=True)
         note = run_dir.resume_note(r.output_dir, resume)
         if note:
             _note(note)
@@ -141,11 +149,9 @@ def lr_table(
         _fail([f"--step: steps count from 1 (the first optimizer step), got {step}"])
     r = _load(recipe, overrides)
     from . import lr_table as lt
-    from . import runtime
 
     with _user_errors(r.model.name_or_path):
-        for note in runtime.setup(r.model.name_or_path):
-            _note(note)
+        _set_up(r.model.name_or_path)
         table = lt.lr_table(r, step=step, by=by)
     if as_json:
         print(json.dumps(table, default=str))
@@ -177,11 +183,9 @@ def pack_stats(
         _fail([f"--world-size: must be >= 1, got {world_size}"])
     r = _load(recipe, ov)
     from . import pack_stats as ps
-    from . import runtime
 
     with _user_errors(r.model.name_or_path):
-        for note in runtime.setup(r.model.name_or_path):
-            _note(note)
+        _set_up(r.model.name_or_path)
         stats = ps.pack_stats(r, limit=limit, progress=not as_json and err.is_terminal,
                               world_size=world_size)
     if as_json:
@@ -203,11 +207,9 @@ def check(
     if samples < 1:
         _fail([f"--samples: must be >= 1, got {samples}"])
     from . import check as ck
-    from . import runtime
 
     with _user_errors(r.model.name_or_path):  # RecipeError and UnsupportedModel included
-        for note in runtime.setup(r.model.name_or_path, threads=True):
-            _note(note)
+        _set_up(r.model.name_or_path, threads=True)
         report = ck.check(r, samples=samples)
     if as_json:
         print(json.dumps(report))
@@ -230,14 +232,12 @@ def eval_cmd(
     """Held-out loss per eval set, the loss with blank images (visual reliance) and the exact
     match of greedy answers, on one model; under torchrun the ranks share the work."""
     from . import eval as ev
-    from . import runtime
 
     r = _load(recipe, list(overrides or []) + (ev.data_override(data) if data else []))
     if not r.data.eval:
         _fail(["data.eval: no evaluation datasets; add data.eval to the recipe or pass --data FILE"])
     with _user_errors(model or r.model.name_or_path):
-        for note in runtime.setup(r.model.name_or_path, threads=True, distributed=True):
-            _note(note)
+        _set_up(r.model.name_or_path, threads=True, distributed=True)
         result = ev.evaluate(r, model, generate=not no_generate)
     if os.environ.get("RANK", "0") != "0":
         return
@@ -275,14 +275,11 @@ def chat(
     template and processor as training, stopping at the end of the assistant's turn."""
     from pathlib import Path
 
-    from . import runtime
-
     missing = [p for p in image or [] if not Path(p).is_file()]
     if missing:
         _fail([f"--image: '{missing[0]}' not found"])
     with _user_errors(model):
-        for note in runtime.setup(model, threads=True):
-            _note(note)
+        _set_up(model, threads=True)
         from .generate import ask
 
         print(ask(model, question, image or [], max_new_tokens))

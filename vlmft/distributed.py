@@ -138,6 +138,17 @@ def all_reduce_sum(t):
     return t
 
 
+def all_gather_lists(items: list) -> list:
+    """Every rank's list (picklable items), concatenated in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, items)
+    return [x for part in every for x in part]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

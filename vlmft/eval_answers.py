@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .data.chat import messages as record_messages
+from .data.chat import messages as record_messages, template_text
 from .data.images import ImageProblem
 from .data.sources import BadSample
+from .distributed import all_gather_lists
 from .eval_data import EvalData
 
 PUNCT = string.punctuation + string.whitespace
@@ -70,29 +71,18 @@ def questions(data: EvalData, processor, max_new_tokens: int, max_samples: int, 
 
 def answer_all(model, processor, qs: list[Question], rank: int, world: int, max_new_tokens: int) -> list[dict]:
     """Every question's prediction (or its error), on every rank, in question order."""
-    from .generate import answer, prompt_text
+    from .generate import answer
 
     mine = []
     for j in range(rank, len(qs), world):
         q = qs[j]
-        row = {"j": j, "prompt": prompt_text(processor, q.messages), "prediction": None, "error": None}
+        row = {"j": j, "prompt": template_text(processor, q.messages, gen=True), "prediction": None, "error": None}
         try:
             row["prediction"] = answer(model, processor, q.messages, q.images, max_new_tokens, q.max_tiles)
         except (BadSample, ImageProblem) as exc:   # counted and written, never skipped silently
             row["error"] = f"{exc.reason}: {exc.detail}"
         mine.append(row)
-    rows = _gather(mine, world)
-    return sorted(rows, key=lambda r: r["j"])
-
-
-def _gather(rows: list, world: int) -> list:
-    import torch.distributed as dist
-
-    if world == 1 or not dist.is_initialized():
-        return rows
-    every = [None] * world
-    dist.all_gather_object(every, rows)
-    return [r for part in every for r in part]
+    return sorted(all_gather_lists(mine), key=lambda r: r["j"])
 
 
 def score(data: EvalData, qs: list[Question], preds: list[dict], folder: Path | None) -> dict:

@@ -18,19 +18,9 @@ from __future__ import annotations
 import torch
 
 from .data import tokens
-from .data.chat import Segment
+from .data.chat import Segment, template_text
 from .export import end_of_turn_ids
 from .models import family_of
-
-
-def prompt_text(processor, messages: list[dict]) -> str:
-    """The chat template's text for ``messages`` followed by the assistant's generation prompt
-    (images as the processor's image token)."""
-    # ProcessorMixin's own method: SmolVLM's override reads a video processor the image-only
-    # processor does not have (as vlmft/data/chat.py renders)
-    from transformers.processing_utils import ProcessorMixin
-
-    return ProcessorMixin.apply_chat_template(processor, messages, tokenize=False, add_generation_prompt=True)
 
 
 def answer(model, processor, messages: list[dict], images=(), max_new_tokens: int = 64,
@@ -39,7 +29,7 @@ def answer(model, processor, messages: list[dict], images=(), max_new_tokens: in
     from transformers import GenerationConfig
 
     fam = family_of(processor)
-    enc = tokens.encode(processor, [Segment(prompt_text(processor, messages), False, list(images))], max_tiles)
+    enc = tokens.encode(processor, [Segment(template_text(processor, messages, gen=True), False, list(images))], max_tiles)
     param = next(model.parameters())
     kw = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
           for k, v in enc.vision.items()}

@@ -107,7 +107,7 @@ class _Fast:
                             if isinstance(v, (str, list))}}
             probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " a\n"}]},
                      {"role": "assistant", "content": [{"type": "text", "text": "b "}]}]
-            if any(self.render(probe, g) != _slow_render(processor, probe, g) for g in (False, True)):
+            if any(self.render(probe, g) != template_text(processor, probe, g) for g in (False, True)):
                 self.template = None
         except Exception:
             self.template = None
@@ -146,7 +146,9 @@ def _fast(processor) -> _Fast:
     return f
 
 
-def _slow_render(processor, msgs, gen=False) -> str:
+def template_text(processor, msgs, gen=False) -> str:
+    """The chat template's text for ``msgs`` (images as the processor's image token), with the
+    assistant's generation prompt when ``gen``: the template's own rendering, every call."""
     # ProcessorMixin's own method: SmolVLM's override reads its video processor, which an
     # image-only processor does not have
     from transformers.processing_utils import ProcessorMixin
@@ -274,6 +276,6 @@ def segments(processor, msgs: list[dict], paths: list[str | Path]) -> list[Segme
             if full == fast.render(msgs, False):   # the skeleton holds for this sample
                 render = lambda j, gen: _fill(sk["prefixes"][j, gen], texts)  # noqa: E731
     if render is None:
-        full = _slow_render(processor, msgs)
-        render = lambda j, gen: _slow_render(processor, msgs[:j], gen)  # noqa: E731
+        full = template_text(processor, msgs)
+        render = lambda j, gen: template_text(processor, msgs[:j], gen)  # noqa: E731
     return _attach(_split(full, render, [m["role"] for m in msgs]), list(paths), processor.image_token)
