@@ -62,11 +62,15 @@ def test_unsupported_model_type_is_one_line_before_weights(in_root, tmp_path, co
 
 
 def test_family_limits_are_refused_before_weights(in_root, tmp_path):
-    """Qwen3.5's linear-attention layers cannot be packed exactly; LLaVA has no tile limit."""
+    """Qwen3.5's linear-attention layers cannot be packed exactly (training and evaluation);
+    LLaVA has no tile limit."""
     folder = tmp_path / "q35"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
     p = vlmft("train", "recipes/demo.yaml", f"model.name_or_path={folder}")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    assert p.stderr.startswith("error data.packing.enabled: qwen3_5 models cannot be packed")
+    p = vlmft("eval", "recipes/demo.yaml", f"model.name_or_path={folder}")  # evaluation packs too
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
     assert p.stderr.startswith("error data.packing.enabled: qwen3_5 models cannot be packed")
     p = vlmft("check", "recipes/demo.yaml", f"model.name_or_path={tiny_models.folder('llava')}",

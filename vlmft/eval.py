@@ -152,16 +152,16 @@ def evaluate(recipe: Recipe, model_path: str | None = None, generate: bool = Tru
     from .distributed import init
     from .eval_model import load, resolve
     from .forward import LossModule
-    from .model import family, load_processor
+    from .model import load_family
 
     rank, world = init()
     cfg, ckpt, label = resolve(recipe.model, model_path)
-    processor = load_processor(cfg)
+    _, fam, processor = load_family(cfg, recipe.data)  # what the family cannot do: refused, as in training
     ev = Evaluator(recipe, processor, [d.name for d in expand(recipe.data.datasets)], rank, world)
     model = load(cfg, ckpt)
     if torch.cuda.is_available():
         model = model.cuda()
-    module = LossModule(model, family(cfg), recipe.loss.chunk_size)
+    module = LossModule(model, fam, recipe.loss.chunk_size)
     device = next(model.parameters()).device
     result = ev.run(module, model, label, device=device, generate=generate)
     result.update(model=str(model_path or recipe.model.name_or_path),
