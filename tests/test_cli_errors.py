@@ -185,10 +185,12 @@ def test_cached_hub_model_loads_offline_when_the_hub_is_unreachable(in_root, tmp
 
 
 def test_chat_mistakes_are_one_line(tmp_path):
-    """`vlmft chat` on a folder that is not there, a one-word hub id without network (probed
-    like 'org/name': huggingface_hub alone retries for ~23 s), an image that is not there."""
-    for args, message in ((["runs/nope/final", "q"], "'runs/nope/final' is not a folder here"),
-                          (["nowhere", "q"], "'nowhere' is not in the local Hugging Face cache"),
+    """`vlmft chat` on a folder that is not there (a one-word name too: before this check,
+    huggingface_hub retried it as a hub id for ~23 s), a hub id without network, an image that
+    is not there."""
+    for args, message in ((["runs/nope/final", "q"], "folder 'runs/nope/final' not found"),
+                          (["nowhere", "q"], "folder 'nowhere' not found"),
+                          (["some-org/nowhere", "q"], "'some-org/nowhere' is not in the local Hugging Face cache"),
                           ([str(ROOT / "demo" / "model"), "q", "--image", "nope.png"], "--image: 'nope.png' not found")):
         t = time.perf_counter()
         p = run([str(BIN / "vlmft"), "chat", *args], env=_no_hub(tmp_path))

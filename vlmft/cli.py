@@ -275,9 +275,11 @@ def chat(
     template and processor as training, stopping at the end of the assistant's turn."""
     from pathlib import Path
 
+    from .validation import model_problems
+
     missing = [p for p in image or [] if not Path(p).is_file()]
-    if missing:
-        _fail([f"--image: '{missing[0]}' not found"])
+    if model_problems(model) or missing:  # the recipe's rule for a model path: a folder or 'org/name'
+        _fail(model_problems(model) + [f"--image: '{p}' not found" for p in missing[:1]])
     with _user_errors(model):
         _set_up(model, threads=True)
         from .generate import ask

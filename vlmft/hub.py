@@ -32,9 +32,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def is_hub_id(name: str) -> bool:
-    """'org/name' (or a legacy one-word id, 'gpt2') that is not a path here: what
-    from_pretrained looks up on the hub."""
-    return (name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+    """'org/name' that is not a folder here: what from_pretrained looks up on the hub."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
             and not Path(name).expanduser().exists())
 
 
@@ -155,9 +154,6 @@ def explain(exc: BaseException, name: str = "") -> str | None:
     """One line for an error a user can fix (hub, network, missing files, permissions, disk
     space) while loading model ``name`` or reading and writing files; None otherwise."""
     chain = _chain(exc)
-    if name and not is_hub_id(name) and not Path(name).expanduser().exists():
-        return (f"model.name_or_path: '{name}' is not a folder here (a hub id would be 'org/name'); "
-                "give a model folder, e.g. runs/NAME/final")
     msg = _hub_error(chain, name) if name else None
     if msg:
         return msg
