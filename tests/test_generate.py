@@ -98,3 +98,38 @@ def test_answer_on_the_demo_model_stops_at_the_end_of_turn(processor, in_root):
     ("Image 1.", "image  1", True), ("red", "Red circle", False), ("two", "three", False)])
 def test_exact_match_normalization(a, b, same):
     assert (normalize(a) == normalize(b)) is same
+
+
+def test_an_exported_folder_stops_stock_generate_at_the_end_of_turn_not_only_at_eos(tmp_path, in_root):
+    """A base-model tokenizer whose EOS is <|endoftext|> while the chat template ends a turn with
+    <|im_end|> (Qwen2-VL base models are so): the exported generation config stops stock
+    ``generate`` at <|im_end|> too, and the KV cache is back on."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmft.export import save_for_inference
+
+    processor = load_processor(ModelConfig(name_or_path="demo/model"))
+    tok = processor.tokenizer
+    tok.eos_token = "<|endoftext|>"
+    model = load_model(ModelConfig(name_or_path="demo/model"))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    save_for_inference(model, processor, str(tmp_path))
+    end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    saved = AutoModelForImageTextToText.from_pretrained(str(tmp_path)).eval()
+    ids = saved.generation_config.eos_token_id
+    assert set(ids if isinstance(ids, list) else [ids]) == {end, eos} and saved.config.text_config.use_cache
+    seq = tok("Yes.", add_special_tokens=False)["input_ids"] + [end]
+    calls = []
+
+    def forced(module, args, out):     # 'Yes.<|im_end|>', then <|im_end|> for ever
+        logits = torch.full_like(out, -1e4)
+        logits[..., seq[min(len(calls), len(seq) - 1)]] = 1e4
+        calls.append(1)
+        return logits
+
+    saved.get_output_embeddings().register_forward_hook(forced)
+    stock = AutoProcessor.from_pretrained(str(tmp_path))
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Is it round?"}]}]
+    inputs = stock(text=stock.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+    out = saved.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert out[0, inputs["input_ids"].shape[1]:].tolist() == seq
